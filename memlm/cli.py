@@ -1,0 +1,26 @@
+"""``memlm <command> ...``: one entry point for training, probes and evaluation."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("memlm.train.__main__", "pretrain a model (see configs/runs)"),
+    "probe": ("memlm.eval.cli", "recall probes: mqar, niah, passkey, perplexity"),
+    "eval-harness": ("memlm.eval.harness", "lm-evaluation-harness tasks on a checkpoint"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {name:<14}{help_}" for name, (_, help_) in COMMANDS.items())
+        print(f"usage: memlm <command> [args]\n\ncommands:\n{lines}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

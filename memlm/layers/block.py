@@ -1,0 +1,33 @@
+"""The pre-norm decoder block: ``h = x + mixer(RMSNorm(x)); y = h + MLP(RMSNorm(h))``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from memlm.layers.mlp import GatedMLP
+from memlm.layers.registry import parse_spec
+
+
+class Block(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, spec: dict[str, Any]) -> None:
+        super().__init__()
+        cls, opts = parse_spec(spec, where=f"layers[{layer_idx}]")
+        self.layer_idx = layer_idx
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = cls(config.hidden_size, config, opts)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: Any | None = None,
+        use_cache: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Any | None]:
+        mixed, new_state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, cu_seqlens=cu_seqlens)
+        h = x + mixed
+        return h + self.mlp(self.mlp_norm(h)), new_state

@@ -1,0 +1,147 @@
+"""``MemLMForCausalLM``: embeddings → N pre-norm blocks (any registered mixer) → RMSNorm → LM head.
+
+Parameter names follow flash-linear-attention (``model.embeddings``, ``model.layers.{i}.attn``,
+``attn_norm``, ``mlp_norm``, ``mlp``, ``model.norm``, ``lm_head``) so its checkpoints map 1:1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from memlm.layers.block import Block
+from memlm.models.cache import MemLMCache
+from memlm.models.configuration_memlm import MemLMConfig
+
+
+class MemLMPreTrainedModel(PreTrainedModel):
+    config_class = MemLMConfig
+    config: MemLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if hasattr(module, "init_weights") and module is not self:
+            module.init_weights(init, self.config.initializer_range)
+
+
+class MemLMModel(MemLMPreTrainedModel):
+    def __init__(self, config: MemLMConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i, spec) for i, spec in enumerate(config.layer_specs()))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: MemLMCache | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            _check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embeddings(input_ids)
+        use_cache = use_cache if use_cache is not None else (past_key_values is not None)
+        if use_cache and past_key_values is None:
+            past_key_values = MemLMCache(len(self.layers))
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            state = past_key_values.states[i] if past_key_values is not None else None
+            h, new_state = layer(h, state=state, use_cache=use_cache, cu_seqlens=cu_seqlens)
+            if use_cache:
+                past_key_values.states[i] = new_state
+        if use_cache:
+            past_key_values.seen_tokens += h.shape[1]
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids outside ``[0, vocab_size)`` mean a tokenizer/model mismatch: say so plainly."""
+    if input_ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"input_ids contain token ids in [{lo}, {hi}] but the model's vocab_size is {vocab_size}: "
+                "the tokenizer does not match the model"
+            )
+
+
+class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: MemLMConfig) -> None:
+        super().__init__(config)
+        self.model = MemLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # Mixers keep their own states (KV caches, recurrent memories) in a MemLMCache.
+        return False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def recurrent_state_size(self, seq_len: int) -> int:
+        """State elements one sequence carries after ``seq_len`` tokens, summed over layers."""
+        return sum(layer.attn.state_size(seq_len) for layer in self.model.layers)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: MemLMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "attention_mask has padded (0) positions: memlm mixers are recurrent and do not skip padding; "
+                "run unpadded batches, or pack documents into one row and pass cu_seqlens"
+            )
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+                         use_cache=use_cache, cu_seqlens=cu_seqlens)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

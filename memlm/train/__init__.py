@@ -1,0 +1,1 @@
+"""Pretraining with HF Accelerate: config, data, tokenizer, optimizer, checkpoints, metrics, loop."""

@@ -1,0 +1,246 @@
+"""The one training-config schema (OmegaConf structured configs over dataclasses).
+
+``load_config(path, overrides)`` merges: schema defaults ← YAML file ← dotted ``key=value``
+overrides. An unknown key, a wrong type or an invalid value raises ``ConfigError`` naming
+the key and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending key."""
+
+
+@dataclass
+class ModelSection:
+    """``MemLMConfig`` fields; ``preset`` names a YAML under ``configs/models`` (or a path) to start from."""
+
+    preset: str | None = None
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    mixer: dict[str, Any] = field(default_factory=lambda: {"name": "attention"})
+    ratio: str | None = None
+    ratio_mixer: dict[str, Any] | None = None
+    layers: list[Any] | None = None
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class DataSection:
+    """``source``: ``embedded`` (stdlib text, no network), ``files`` (``path``: file, dir or glob of
+    txt/json/jsonl/parquet) or ``hub`` (``path``: dataset id, ``name``: its config)."""
+
+    source: str = "embedded"
+    path: str | None = None
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    max_documents: int | None = None
+    val_documents: int = 64
+    seq_len: int = 256
+    document_masking: bool = False  # pack rows into one cu_seqlens batch so documents don't attend across
+
+
+@dataclass
+class TokenizerSection:
+    """``path``: an HF tokenizer dir or hub id; when null, a byte-level BPE of ``vocab_size`` is trained."""
+
+    path: str | None = None
+    vocab_size: int = 4096
+    train_documents: int | None = 4000
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleSection:
+    """``cosine`` | ``wsd`` (warmup-stable-decay) | ``constant`` (constant with cooldown)."""
+
+    name: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd / constant: fraction of steps in the final decay
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32
+    stop_at_step: int | None = None  # end the process after this step (simulates a killed run)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500
+    keep_last: int = 3
+    resume: bool = False  # resume from the latest checkpoint of this run
+    export: bool = True  # write the HF model + tokenizer to <run>/hf at the end
+
+
+@dataclass
+class LoggingSection:
+    every: int = 10
+    val_every: int = 200
+    val_batches: int = 8
+    trackers: list[str] = field(default_factory=list)  # extra Accelerate trackers: tensorboard, wandb
+    progress_bar: bool = True
+    sample_tokens: int = 64
+    probes: bool = True  # run the short recall probes into the report at the end
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    output_dir: str = "runs"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("embedded", "files", "hub"),
+    "schedule.name": ("cosine", "wsd", "constant"),
+    "training.precision": ("auto", "bf16", "fp32"),
+}
+POSITIVE = ("data.seq_len", "training.steps", "training.micro_batch_size", "training.grad_accum",
+            "checkpoint.every", "checkpoint.keep_last", "logging.every", "logging.val_every",
+            "tokenizer.vocab_size", "optimizer.lr")
+TRACKERS = ("tensorboard", "wandb")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks the type system cannot express."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not allowed; choose one of {list(allowed)}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)}")
+    if cfg.data.source in ("files", "hub") and not cfg.data.path:
+        raise ConfigError(f"data.path is required when data.source={cfg.data.source!r}")
+    if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio must lie in [0, 1], got {cfg.schedule.min_lr_ratio}")
+    if not 0.0 < cfg.schedule.decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction must lie in (0, 1], got {cfg.schedule.decay_fraction}")
+    if cfg.schedule.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps must be >= 0, got {cfg.schedule.warmup_steps}")
+    for tracker in cfg.logging.trackers:
+        if tracker not in TRACKERS:
+            raise ConfigError(f"logging.trackers has {tracker!r}; allowed: {list(TRACKERS)} (JSONL is always on)")
+    if cfg.training.stop_at_step is not None and not 0 < cfg.training.stop_at_step <= cfg.training.steps:
+        raise ConfigError(f"training.stop_at_step must lie in [1, training.steps], got {cfg.training.stop_at_step}")
+    if cfg.data.val_documents < 1:
+        raise ConfigError(f"data.val_documents must be >= 1, got {cfg.data.val_documents}")
+
+
+def _merge(base: Any, other: Any, what: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        msg = str(err).splitlines()[0]
+        if "not in" in msg:
+            msg += f"; allowed keys here: {_allowed_keys(key.rpartition('.')[0])}"
+        raise ConfigError(f"{what}: bad key {key!r}: {msg}") from None
+
+
+def _allowed_keys(section: str) -> list[str]:
+    """Field names of the top level (``section == ""``) or of one section."""
+    if not section:
+        return [f.name for f in dataclasses.fields(RunConfig)]
+    for f in dataclasses.fields(RunConfig):
+        if f.name == section and f.default_factory is not dataclasses.MISSING:
+            return [g.name for g in dataclasses.fields(f.default_factory())]
+    return []
+
+
+def _model_preset(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / "models" / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+    raise ConfigError(f"model.preset={name!r} is neither a YAML file nor one of {known}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Schema ← ``path`` (YAML) ← ``overrides`` (``key=value``); validated. Returns a ``RunConfig``."""
+    cfg = OmegaConf.structured(RunConfig)
+    file_cfg = OmegaConf.create()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        file_cfg = OmegaConf.load(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. training.steps=100)")
+    cli_cfg = OmegaConf.from_dotlist(list(overrides))
+    preset = OmegaConf.select(cli_cfg, "model.preset") or OmegaConf.select(file_cfg, "model.preset")
+    if preset:
+        cfg = _merge(cfg, {"model": OmegaConf.load(_model_preset(preset))}, f"model.preset {preset!r}")
+    cfg = _merge(cfg, file_cfg, f"config file {str(path)!r}")
+    cfg = _merge(cfg, cli_cfg, "command-line override")
+    if OmegaConf.is_missing(cfg, "name"):
+        raise ConfigError("name is required (set it in the YAML or pass name=<run name>)")
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(run)
+    return run
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def model_kwargs(section: ModelSection) -> dict[str, Any]:
+    """The ``MemLMConfig`` keyword arguments of a model section (``preset`` dropped, nulls dropped)."""
+    kwargs = {k: v for k, v in dataclasses.asdict(section).items() if k != "preset" and v is not None}
+    return kwargs

@@ -1,0 +1,87 @@
+"""The run-config schema: YAML + overrides, and every error names the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from memlm.models import MemLMConfig, ratio_pattern
+from memlm.train.config import CONFIG_DIR, ConfigError, load_config
+
+
+def test_tiny_yaml_loads_with_overrides() -> None:
+    cfg = load_config(CONFIG_DIR / "runs" / "tiny.yaml", ["training.steps=7", "model.hidden_size=64"])
+    assert cfg.name == "tiny" and cfg.training.steps == 7 and cfg.model.hidden_size == 64
+    assert cfg.model.num_hidden_layers == 4  # from the preset
+    assert cfg.data.source == "embedded"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR / "runs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_run_config_is_valid(path: Path) -> None:
+    cfg = load_config(path)
+    from memlm.train.config import model_kwargs
+
+    MemLMConfig(**{"vocab_size": 32000, **model_kwargs(cfg.model)})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["name=x", "training.stepz=5"], "training.stepz"),
+        (["name=x", "training.steps=abc"], "training.steps"),
+        (["name=x", "schedule.name=linear"], "['cosine', 'wsd', 'constant']"),
+        (["name=x", "training.precision=fp8"], "training.precision"),
+        (["name=x", "data.source=files"], "data.path is required"),
+        (["name=x", "training.steps=0"], "training.steps must be > 0"),
+        (["name=x", "logging.trackers=[mlflow]"], "tensorboard"),
+        (["name=x", "model.preset=nope"], "transformer_pp_tiny"),
+        (["name=x", "nonsense"], "key=value"),
+        (["training.steps=3"], "name is required"),
+    ],
+)
+def test_bad_config_names_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+
+
+def test_unknown_key_lists_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["name=x", "optimizer.learning_rate=1"])
+    assert "optimizer.learning_rate" in str(err.value) and "'lr'" in str(err.value)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/run.yaml")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"mixer": {"name": "attn"}}, "registered mixers"),
+        ({"mixer": {"name": "attention", "window": 4}}, "allowed options"),
+        ({"mixer": {"name": "attention", "window_size": "big"}}, "wrong type"),
+        ({"mixer": {"name": "attention", "window_size": 0}}, "window_size"),
+        ({"ratio": "3-1"}, "ratio must look like"),
+        ({"layers": [{"name": "attention"}]}, "num_hidden_layers"),
+        ({"hidden_size": 0}, "hidden_size"),
+    ],
+)
+def test_bad_model_config(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError) as err:
+        MemLMConfig(**{"vocab_size": 10, "hidden_size": 16, "num_hidden_layers": 2, "num_heads": 2, **kwargs})
+    assert needle in str(err.value)
+
+
+def test_ratio_places_second_mixer_after_every_a_layers() -> None:
+    assert [i for i, b in enumerate(ratio_pattern("3:1", 12)) if b] == [3, 7, 11]
+    assert [i for i, b in enumerate(ratio_pattern("6:1", 14)) if b] == [6, 13]
+    assert not any(ratio_pattern("1:0", 4))
+    cfg = MemLMConfig(vocab_size=10, hidden_size=16, num_hidden_layers=4, num_heads=2, ratio="1:1",
+                      mixer={"name": "attention", "window_size": 8}, ratio_mixer="attention")
+    assert [s.get("window_size") for s in cfg.layer_specs()] == [8, None, 8, None]
+    explicit = MemLMConfig(vocab_size=10, hidden_size=16, num_hidden_layers=2, num_heads=2, ratio="1:1",
+                           layers=["attention", {"name": "attention", "num_persistent": 2}])
+    assert explicit.layer_specs()[1] == {"name": "attention", "num_persistent": 2}

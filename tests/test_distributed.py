@@ -1,0 +1,26 @@
+"""A 2-process CPU run through ``accelerate launch`` completes (gloo backend)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from memlm.train.metrics import read_jsonl
+
+
+def test_two_process_cpu_run(tmp_path: Path, tiny_overrides) -> None:
+    overrides = tiny_overrides(tmp_path, **{"training.steps": 6, "checkpoint.every": 3, "logging.val_every": 3})
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "memlm.train",
+           *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 6 steps") == 1  # printed by the main process only
+    rows = [r for r in read_jsonl(tmp_path / "t" / "metrics.jsonl") if "loss" in r]
+    assert [r["tokens_seen"] for r in rows] == [2 * 4 * 64 * s for s in range(1, 7)]  # two processes' rows
+    assert (tmp_path / "t" / "hf" / "model.safetensors").exists()
+    assert [p.name for p in sorted((tmp_path / "t" / "checkpoints").iterdir())] == ["step_00000003",
+                                                                                      "step_00000006"]
