@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.layers.mixer import Mixer
+from memlm.layers.packing import document_ids, document_positions
 from memlm.layers.registry import register_mixer
-from memlm.layers.rotary import document_ids, document_positions, rotary
+from memlm.layers.rotary import rotary
 
 AttentionState = tuple[torch.Tensor, torch.Tensor, int]
 
