@@ -20,6 +20,13 @@ CASES: dict[str, dict] = {
     "persistent": {"mixer": {"name": "attention", "num_persistent": 3}},
     "window+persistent": {"mixer": {"name": "attention", "window_size": 4, "num_persistent": 2}},
     "hybrid-1:1": {"ratio": "1:1", "mixer": {"name": "attention", "window_size": 3}, "ratio_mixer": "attention"},
+    "titans-lmm": {"mixer": {"name": "titans_memory", "chunk_size": 4, "num_persistent": 2}},
+    "titans-mac": {"mixer": {"name": "titans_mac", "segment_size": 6, "memory": {"name": "titans_memory", "chunk_size": 4},
+                             "attention": {"name": "attention", "num_persistent": 2}}},
+    "titans-mag": {"mixer": {"name": "titans_mag", "memory": {"name": "titans_memory", "chunk_size": 4},
+                             "attention": {"name": "attention", "window_size": 5, "num_persistent": 2}}},
+    "titans-mal": {"mixer": {"name": "titans_mal", "memory": {"name": "titans_memory", "chunk_size": 3},
+                             "attention": {"name": "attention", "window_size": 4}}},
 }
 
 

@@ -8,16 +8,15 @@ import torch
 from torch import nn
 
 from memlm.layers.mlp import GatedMLP
-from memlm.layers.registry import parse_spec
+from memlm.layers.registry import build_mixer
 
 
 class Block(nn.Module):
     def __init__(self, config: Any, layer_idx: int, spec: dict[str, Any]) -> None:
         super().__init__()
-        cls, opts = parse_spec(spec, where=f"layers[{layer_idx}]")
         self.layer_idx = layer_idx
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.attn = cls(config.hidden_size, config, opts)
+        self.attn = build_mixer(spec, config.hidden_size, config, where=f"layers[{layer_idx}]")
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 

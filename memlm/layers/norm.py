@@ -19,3 +19,16 @@ class GatedRMSNorm(nn.Module):
         normed = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         act = torch.sigmoid(gate.float()) if self.activation == "sigmoid" else F.silu(gate.float())
         return (normed * act).to(x.dtype)
+
+
+class NormalizedSigmoidGate(nn.Module):
+    """Titans' ``y ⊗ m`` (§4.2): both branches RMS-normalised with learnable vector weights, then
+    ``norm(y) ⊙ σ(norm(m))``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.y_norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.m_norm = nn.RMSNorm(hidden_size, eps=eps)
+
+    def forward(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return self.y_norm(y) * torch.sigmoid(self.m_norm(m))

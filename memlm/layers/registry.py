@@ -76,3 +76,9 @@ def parse_spec(spec: Mapping[str, Any] | str, where: str = "mixer") -> tuple[typ
         except ValueError as err:
             raise ValueError(f"{where}: mixer {name!r}: {err}") from None
     return cls, opts
+
+
+def build_mixer(spec: Mapping[str, Any] | str, hidden_size: int, config: Any, where: str = "mixer") -> Any:
+    """Validate ``spec`` and construct the mixer module for a model of ``hidden_size``."""
+    cls, opts = parse_spec(spec, where)
+    return cls(hidden_size, config, opts)

@@ -28,6 +28,25 @@ class MemLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _skip_keys_device_placement = ["past_key_values"]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # Our _init_weights goes through transformers.initialization (which skips loaded tensors),
+        # so HF must not take its "remote code" shortcut that skips modules without direct parameters
+        # (it would leave e.g. a mixer's ParameterList and gate biases uninitialised).
+        return False
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> MemLMPreTrainedModel:
+        """HF loading, then every tensor copied into freshly allocated (aligned) storage: tensors
+        left at the memory-mapped file's offsets make CPU kernels take other SIMD paths, so the
+        loaded model would compute slightly different floats from the saved one."""
+        model = super().from_pretrained(*args, **kwargs)
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data = t.data.clone()
+        model.tie_weights()
+        return model
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if hasattr(module, "init_weights") and module is not self:

@@ -1,0 +1,218 @@
+"""Titans neural long-term memory as a token mixer (Behrouz, Zhong, Mirrokni 2025, arXiv 2501.00663 §3).
+
+Per head, an MLP memory ``M(x) = x + LN(W_L φ(… W_1 x))`` (depth ``L_M``, expansion, GELU) is
+written online: ``S_t = η_t S_{t−1} − θ_t ∇‖M_{t−1}(k_t) − v_t‖²``, ``M_t = (1 − α_t) M_{t−1} + S_t``
+(eqs. 13–14, chunked gradients: DESIGN.md §3), and read ``y_t = M_t(q_t)`` (eq. 15).
+``q, k, v`` are linear projections with a depthwise causal conv and SiLU, ``q, k`` ℓ2-normalised
+per head; ``θ_t = max_lr · σ(x W_θ)``, ``η_t = σ(x W_η)``, ``α_t = σ(x W_α)`` per head and token.
+The read goes through a gated RMSNorm and the output projection. ``num_persistent`` learned
+tokens are written into the memory before each sequence (persistent memory, §3.3).
+
+Ablations (Titans Table 5): ``momentum: false``, ``forget: false`` (no weight decay),
+``depth: 1, residual: false, memory_norm: false`` (linear memory), ``short_conv: false``,
+``num_persistent: 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.kernels import deep_memory
+from memlm.kernels.deep_memory.mlp import ACTIVATIONS, memory_apply, weight_linear
+from memlm.layers.conv import ShortConvolution
+from memlm.layers.mixer import Mixer
+from memlm.layers.norm import GatedRMSNorm
+from memlm.layers.periodic import periodic_forward
+from memlm.layers.registry import register_mixer
+
+Gates = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+@register_mixer("titans_memory")
+class NeuralMemory(Mixer):
+    @dataclass
+    class Options:
+        num_heads: int | None = None  # default: config.num_heads
+        head_dim: int | None = None  # default: hidden_size // num_heads
+        depth: int = 2  # L_M: layers of the memory MLP
+        expansion: int = 4  # hidden width = expansion × head_dim
+        activation: str = "gelu"
+        residual: bool = True  # M(x) = x + ...
+        memory_norm: bool = True  # LayerNorm (no affine) on the MLP output
+        chunk_size: int = 16  # b: tokens whose gradients share the chunk-start weights
+        max_lr: float = 1.0  # θ_t = max_lr · σ(·)
+        momentum: bool = True  # surprise momentum η_t (false: η = 0)
+        forget: bool = True  # weight decay α_t (false: α = 0)
+        short_conv: bool = True
+        conv_size: int = 4
+        num_persistent: int = 0  # learned tokens written into the memory before each sequence
+        backend: str = "auto"  # kernel backend: auto | naive | torch | triton
+
+        def validate(self) -> None:
+            for name in ("depth", "expansion", "chunk_size", "conv_size"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if self.activation not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+            if self.max_lr <= 0:
+                raise ValueError(f"max_lr must be > 0, got {self.max_lr}")
+            if self.num_persistent < 0:
+                raise ValueError(f"num_persistent must be >= 0, got {self.num_persistent}")
+            if self.backend not in ("auto", "naive", "torch", "triton"):
+                raise ValueError(f"backend must be one of ['auto', 'naive', 'torch', 'triton'], got {self.backend!r}")
+
+    def __init__(self, hidden_size: int, config: Any, opts: Options) -> None:
+        super().__init__()
+        self.opts = opts
+        self.num_heads = opts.num_heads or config.num_heads
+        if opts.head_dim is None and hidden_size % self.num_heads:
+            raise ValueError(f"titans_memory: hidden_size={hidden_size} is not divisible by num_heads={self.num_heads}")
+        self.head_dim = opts.head_dim or hidden_size // self.num_heads
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(hidden_size, inner, bias=False)
+        if opts.short_conv:
+            self.q_conv1d = ShortConvolution(inner, opts.conv_size)
+            self.k_conv1d = ShortConvolution(inner, opts.conv_size)
+            self.v_conv1d = ShortConvolution(inner, opts.conv_size)
+        self.lr_proj = nn.Linear(hidden_size, self.num_heads)
+        self.momentum_proj = nn.Linear(hidden_size, self.num_heads) if opts.momentum else None
+        self.forget_proj = nn.Linear(hidden_size, self.num_heads) if opts.forget else None
+        dims = [self.head_dim] + [opts.expansion * self.head_dim] * (opts.depth - 1) + [self.head_dim]
+        self.memory_weights = nn.ParameterList(
+            nn.Parameter(torch.zeros(self.num_heads, a, b)) for a, b in zip(dims, dims[1:])
+        )
+        self.g_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.o_norm = GatedRMSNorm(self.head_dim, eps=config.norm_eps)
+        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        if opts.num_persistent:
+            self.persistent_tokens = nn.Parameter(torch.zeros(opts.num_persistent, hidden_size))
+
+    def init_weights(self, init: Any, std: float) -> None:
+        """Memory MLP ~ N(0, 1/d_in); θ starts at max_lr/2, η ≈ 0.88, α ≈ 0.018."""
+        for w in self.memory_weights:
+            init.normal_(w, mean=0.0, std=1.0 / math.sqrt(w.shape[1]))
+        init.zeros_(self.lr_proj.bias)
+        if self.momentum_proj is not None:
+            init.constant_(self.momentum_proj.bias, 2.0)
+        if self.forget_proj is not None:
+            init.constant_(self.forget_proj.bias, -4.0)
+        if self.opts.num_persistent:
+            init.normal_(self.persistent_tokens, mean=0.0, std=std)
+
+    def state_size(self, seq_len: int) -> int:
+        per_layer = sum(w[0].numel() for w in self.memory_weights)
+        momentum = per_layer if self.opts.momentum else 0
+        conv = 3 * (self.opts.conv_size - 1) * self.num_heads * self.head_dim if self.opts.short_conv else 0
+        return self.num_heads * (per_layer + momentum) + conv
+
+    # --- the pieces (MAC reuses them on two streams) ------------------------------------------
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(*t.shape[:2], self.num_heads, self.head_dim)
+
+    def project_queries(
+        self, x: torch.Tensor, conv: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``q_t = ℓ2norm(SiLU(conv(x W_Q)))`` per head, and the conv history after ``x``."""
+        q, conv = self._conv("q", self.q_proj(x), conv, cu_seqlens)
+        return F.normalize(self._heads(q), dim=-1), conv
+
+    def project(
+        self, x: torch.Tensor, convs: tuple[torch.Tensor | None, ...], cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Gates, tuple[torch.Tensor | None, ...]]:
+        """``q, k, v`` ``[B, T, H, d]`` (q, k ℓ2-normalised), gates ``(θ, η, α)`` ``[B, T, H]``, conv histories."""
+        q, cq = self.project_queries(x, convs[0], cu_seqlens)
+        k, ck = self._conv("k", self.k_proj(x), convs[1], cu_seqlens)
+        v, cv = self._conv("v", self.v_proj(x), convs[2], cu_seqlens)
+        lr = self.opts.max_lr * torch.sigmoid(self.lr_proj(x))
+        eta = torch.sigmoid(self.momentum_proj(x)) if self.momentum_proj is not None else None
+        alpha = torch.sigmoid(self.forget_proj(x)) if self.forget_proj is not None else None
+        return q, F.normalize(self._heads(k), dim=-1), self._heads(v), (lr, eta, alpha), (cq, ck, cv)
+
+    def _conv(
+        self, name: str, t: torch.Tensor, history: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.opts.short_conv:
+            return F.silu(t), None
+        return getattr(self, f"{name}_conv1d")(t, history, use_cache=cu_seqlens is None, cu_seqlens=cu_seqlens)
+
+    def write_read(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gates: Gates,
+        memory: tuple[list[torch.Tensor], list[torch.Tensor] | None],
+        want_state: bool,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]] | None]:
+        """The memory recurrence over ``[B, T, H, d]`` from ``memory = (W, S)``: reads after writes."""
+        dtype = q.dtype
+        weights = [w.to(dtype) for w in memory[0]]
+        momentum = [s.to(dtype) for s in memory[1]] if memory[1] is not None else None
+        lr, eta, alpha = (g.to(dtype) if g is not None else None for g in gates)
+        return deep_memory(
+            q, k, v, lr, eta, alpha, weights, chunk_size=self.opts.chunk_size, residual=self.opts.residual,
+            norm=self.opts.memory_norm, activation=self.opts.activation, initial_momentum=momentum,
+            output_final_state=want_state, cu_seqlens=cu_seqlens, backend=self.opts.backend,
+        )
+
+    def read(self, q: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        """``M_W(q)`` without writing (``q`` ``[B, T, H, d]``, ``W`` shared or per batch)."""
+        qh = q.transpose(1, 2)  # [B, H, T, d]
+        out, _ = memory_apply(qh, weight_linear([w.to(q.dtype) for w in weights]), len(weights),
+                              activation=self.opts.activation, residual=self.opts.residual,
+                              norm=self.opts.memory_norm)
+        return out.transpose(1, 2)
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gated RMSNorm per head (gate from ``x``), then the output projection."""
+        o = self.o_norm(o, self._heads(self.g_proj(x)))
+        return self.o_proj(o.reshape(*o.shape[:2], -1))
+
+    def initial_memory(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """``(W, S)`` a fresh sequence starts from: the learned weights, after the persistent tokens."""
+        weights = list(self.memory_weights)
+        if not self.opts.num_persistent:
+            return weights, None
+        p = self.persistent_tokens[None]
+        q, k, v, gates, _ = self.project(p, (None, None, None))
+        _, (w, s) = self.write_read(q, k, v, gates, (weights, None), want_state=True)
+        return [t.expand(batch, *t.shape[1:]) for t in w], [t.expand(batch, *t.shape[1:]) for t in s]
+
+    # --- the mixer --------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, base: dict[str, Any], want_state: bool, cu_seqlens=None):
+        q, k, v, gates, convs = self.project(x, base["conv"], cu_seqlens)
+        memory = (base["weights"], base["momentum"])
+        if cu_seqlens is not None and memory[1] is not None:  # one copy of the start state per document
+            n = cu_seqlens.numel() - 1
+            memory = ([w[:1].expand(n, *w.shape[1:]) for w in memory[0]],
+                      [s[:1].expand(n, *s.shape[1:]) for s in memory[1]])
+        o, final = self.write_read(q, k, v, gates, memory, want_state, cu_seqlens)
+        new_base = {"conv": convs, "weights": final[0], "momentum": final[1]} if want_state else None
+        return self.output(o, x), new_base
+
+    def _initial_base(self, batch: int) -> dict[str, Any]:
+        weights, momentum = self.initial_memory(batch)
+        return {"conv": (None, None, None), "weights": weights, "momentum": momentum}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: dict[str, Any] | None = None,
+        use_cache: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        if cu_seqlens is not None:
+            if state is not None or use_cache:
+                raise ValueError("titans_memory: cu_seqlens (packed documents) cannot be combined with a cache")
+            return self._run(x, self._initial_base(1), False, cu_seqlens)[0], None
+        return periodic_forward(self._run, x, state, use_cache, self.opts.chunk_size,
+                                lambda: self._initial_base(x.shape[0]))

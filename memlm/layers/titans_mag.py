@@ -1,0 +1,36 @@
+"""Titans MAG, memory as a gate (arXiv 2501.00663 §4.2, eqs. 26–28): sliding-window attention
+(with persistent memory) and the neural memory read the same input in parallel;
+``o = norm(y_attn) ⊙ σ(norm(y_mem))``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memlm.layers.composite import MemoryAttentionOptions
+from memlm.layers.mixer import Mixer
+from memlm.layers.norm import NormalizedSigmoidGate
+from memlm.layers.registry import build_mixer, register_mixer
+
+
+@register_mixer("titans_mag")
+class MemoryAsGate(Mixer):
+    Options = MemoryAttentionOptions
+
+    def __init__(self, hidden_size: int, config: Any, opts: MemoryAttentionOptions) -> None:
+        super().__init__()
+        self.memory = build_mixer(opts.memory, hidden_size, config, where="titans_mag.memory")
+        self.attention = build_mixer(opts.attention, hidden_size, config, where="titans_mag.attention")
+        self.gate = NormalizedSigmoidGate(hidden_size, eps=config.norm_eps)
+
+    def state_size(self, seq_len: int) -> int:
+        return self.memory.state_size(seq_len) + self.attention.state_size(seq_len)
+
+    def forward(
+        self, x: torch.Tensor, state: Any | None = None, use_cache: bool = False, cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any | None]:
+        mem_state, attn_state = state if state is not None else (None, None)
+        y, attn_state = self.attention(x, attn_state, use_cache, cu_seqlens)
+        m, mem_state = self.memory(x, mem_state, use_cache, cu_seqlens)
+        return self.gate(y, m), ((mem_state, attn_state) if use_cache else None)

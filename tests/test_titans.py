@@ -1,0 +1,136 @@
+"""Titans (arXiv 2501.00663): the memory mixer against its equations, ablation switches, MAC/MAG
+training, MQAR recall. (Causality, decoding == parallel, generate and save/load for LMM, MAC, MAG
+and MAL are in test_model_contract.py.)"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memlm.layers.neural_memory import NeuralMemory
+from memlm.layers.registry import build_mixer
+from memlm.models import MemLMConfig, MemLMForCausalLM
+from memlm.train.config import load_config
+from memlm.train.metrics import read_jsonl
+from memlm.train.trainer import train
+
+
+def _config(**kw) -> MemLMConfig:
+    return MemLMConfig(vocab_size=50, hidden_size=24, num_hidden_layers=1, num_heads=2, **kw)
+
+
+def _memory_fn(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """M(x) = x + LN(W_2 GELU(W_1 x)) written out (row vectors, per head batched)."""
+    h = F.gelu(x @ weights[0]) @ weights[1]
+    return x + F.layer_norm(h, h.shape[-1:], eps=1e-5)
+
+
+def test_chunk_size_one_is_online_gradient_descent_with_momentum_and_decay() -> None:
+    """With b = 1 the mixer's memory path equals the per-token loop of Titans eqs. 13–15:
+    S_t = η_t S_{t−1} − θ_t ∇‖M_{t−1}(k_t) − v_t‖², M_t = (1 − α_t) M_{t−1} + S_t, y_t = M_t(q_t)."""
+    torch.manual_seed(0)
+    mem: NeuralMemory = build_mixer({"name": "titans_memory", "chunk_size": 1, "expansion": 2, "max_lr": 0.5},
+                                    24, _config()).double()
+    for w in mem.memory_weights:
+        torch.nn.init.normal_(w, std=w.shape[1] ** -0.5)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    q, k, v, (lr, eta, alpha), _ = mem.project(x, (None, None, None))
+    o, _ = mem.write_read(q, k, v, (lr, eta, alpha), (list(mem.memory_weights), None), want_state=False)
+
+    B, T, H, _ = q.shape
+    W = [w.detach().expand(B, -1, -1, -1).clone() for w in mem.memory_weights]  # [B, H, d_in, d_out]
+    S = [torch.zeros_like(w) for w in W]
+    expected = []
+    for t in range(T):
+        Wg = [w.clone().requires_grad_(True) for w in W]
+        kt, vt = k[:, t].unsqueeze(2), v[:, t].unsqueeze(2)  # [B, H, 1, d]
+        loss = (_memory_fn(kt, Wg) - vt).pow(2).sum()  # sum over (b, h): separate memories
+        grads = torch.autograd.grad(loss, Wg)
+        th, et, al = (g[:, t, :, None, None] for g in (lr, eta, alpha))
+        S = [et * s - th * g for s, g in zip(S, grads)]
+        W = [(1 - al) * w + s for w, s in zip(W, S)]
+        expected.append(_memory_fn(q[:, t].unsqueeze(2), W).squeeze(2))
+    torch.testing.assert_close(o, torch.stack(expected, dim=1).detach(), rtol=1e-10, atol=1e-10)
+
+
+ABLATIONS = {
+    "no momentum": {"momentum": False},
+    "no forget": {"forget": False},
+    "linear memory": {"depth": 1, "residual": False, "memory_norm": False},
+    "no short conv": {"short_conv": False},
+    "no persistent memory": {"num_persistent": 0},
+}
+
+
+@pytest.mark.parametrize("switch", ABLATIONS)
+def test_each_ablation_switch_changes_the_output(switch: str) -> None:
+    """Same shared weights, one switch flipped: the output moves."""
+    base_spec = {"name": "titans_memory", "chunk_size": 4, "num_persistent": 3}
+    torch.manual_seed(0)
+    full = MemLMForCausalLM(_config(mixer=base_spec)).eval()
+    ablated = MemLMForCausalLM(_config(mixer={**base_spec, **ABLATIONS[switch]})).eval()
+    shared = {k: v for k, v in full.state_dict().items() if k in ablated.state_dict()
+              and ablated.state_dict()[k].shape == v.shape}
+    ablated.load_state_dict(shared, strict=False)
+    ids = torch.randint(0, 50, (2, 12))
+    diff = (full(ids).logits - ablated(ids).logits).abs().max().item()
+    assert diff > 1e-4, f"{switch} left the output unchanged"
+
+
+def test_mac_needs_memory_and_attention_specs() -> None:
+    with pytest.raises(ValueError, match="titans_mac"):
+        _config(mixer={"name": "titans_mac", "memory": {"name": "attention"}})
+    with pytest.raises(ValueError, match="titans_mag.*memory.*allowed options"):
+        _config(mixer={"name": "titans_mag", "memory": {"name": "titans_memory", "dept": 3}})
+
+
+def test_mac_segments_carry_memory_forward() -> None:
+    """Without short convolutions, a later segment sees earlier ones only through the memory: with
+    the memory's learning rate and momentum forced to zero, segments become independent."""
+    spec = {"name": "titans_mac", "segment_size": 5,
+            "memory": {"name": "titans_memory", "chunk_size": 5, "short_conv": False}}
+    torch.manual_seed(0)
+    model = MemLMForCausalLM(_config(mixer=spec)).eval()
+    ids = torch.randint(0, 50, (1, 15))
+    changed = ids.clone()
+    changed[0, :5] = torch.randint(0, 50, (5,))
+    moved = (model(ids).logits[0, 10:] - model(changed).logits[0, 10:]).abs().max().item()
+    mac = model.model.layers[0].attn
+    with torch.no_grad():
+        mac.memory.lr_proj.bias.fill_(-1e4)  # θ = 0: nothing is written
+        mac.memory.momentum_proj.bias.fill_(-1e4)
+        mac.memory.forget_proj.bias.fill_(-1e4)
+    frozen = (model(ids).logits[0, 10:] - model(changed).logits[0, 10:]).abs().max().item()
+    assert moved > 1e-5 and frozen == 0.0, (moved, frozen)
+
+
+@pytest.mark.parametrize("mixer", [
+    {"name": "titans_mac", "segment_size": 32, "memory": {"name": "titans_memory", "chunk_size": 16},
+     "attention": {"name": "attention", "num_persistent": 4}},
+    {"name": "titans_mag", "memory": {"name": "titans_memory", "chunk_size": 16},
+     "attention": {"name": "attention", "window_size": 32, "num_persistent": 4}},
+], ids=["mac", "mag"])
+def test_tiny_titans_train_with_falling_loss(tmp_path: Path, tiny_overrides, mixer: dict) -> None:
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"training.steps": 25, "model.mixer": mixer}))
+    summary = train(cfg)
+    rows = [r for r in read_jsonl(tmp_path / "t" / "metrics.jsonl") if "loss" in r]
+    assert summary["skipped_steps"] == 0 and math.isfinite(summary["val_loss"])
+    assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5
+
+
+@pytest.mark.slow
+def test_lmm_solves_mqar() -> None:
+    """A 2-layer LMM reaches ≥ 95% MQAR accuracy at sequence length 64 with 4 key–value pairs."""
+    from memlm.eval.mqar import mqar_train_test
+    from memlm.eval.mqar_train import train_mqar
+
+    torch.manual_seed(0)
+    model = MemLMForCausalLM(MemLMConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_heads=2,
+                                         mixer={"name": "titans_memory", "chunk_size": 16}))
+    train_set, test_set = mqar_train_test(8192, 64, 4, 20000, 500, seed=0)
+    result = train_mqar(model, [train_set], [test_set], lr=3e-3, epochs=4, batch_size=64, eval_every=100)
+    assert result.accuracy >= 0.95, result
