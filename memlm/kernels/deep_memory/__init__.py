@@ -1,0 +1,166 @@
+"""Deep (MLP) memory trained online by chunked gradient descent with momentum and decay.
+
+Titans (Behrouz, Zhong, Mirrokni 2025, arXiv 2501.00663) and the Miras variants: the memory
+is an MLP ``M_W``; every token writes ``(k_t, v_t)`` by one gradient step on
+``ℓ_t(W) = ‖M_W(k_t) − v_t‖²`` and reads ``o_t = M_{W_t}(q_t)``. Three implementations agree:
+``naive`` (per token), ``torch`` (chunked dual form) and ``triton`` (CUDA kernels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .._common import check_cu_seqlens, check_range, check_shape, resolve_backend
+from .chunk import deep_memory_chunk
+from .mlp import ACTIVATIONS
+from .naive import deep_memory_naive
+from .objectives import BIASES, RETENTIONS
+
+__all__ = ["deep_memory", "deep_memory_naive", "deep_memory_chunk", "ACTIVATIONS", "BIASES", "RETENTIONS"]
+
+State = tuple[list[torch.Tensor], list[torch.Tensor]]
+TRITON_HOOKS = ("l2", "none")  # the (bias, retention) pair the Triton kernels implement
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {tuple(allowed)}")
+
+
+def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(
+            f"{name} must have q's dtype and device ({ref.dtype}, {ref.device}), got ({t.dtype}, {t.device})"
+        )
+
+
+def _check_gates(gates: dict[str, torch.Tensor | None], q: torch.Tensor) -> None:
+    """θ ∈ [0, ∞), η ∈ [0, 1], α ∈ [0, 1], each a float tensor ``[B, T, H]`` on q's device."""
+    B, T, H = q.shape[:3]
+    if gates["lr"] is None:
+        raise ValueError("lr (the learning-rate gate θ) is required, shape [B, T, H]")
+    for name, gate in gates.items():
+        check_shape(name, gate, [B, T, H], "[B, T, H]")
+        if gate is not None and (not gate.dtype.is_floating_point or gate.device != q.device):
+            raise ValueError(
+                f"{name} must be a floating-point tensor on {q.device}, got {gate.dtype} on {gate.device}"
+            )
+        check_range(name, gate, 0.0, math.inf if name == "lr" else 1.0)
+
+
+def _check_state(
+    name: str, tensors: Sequence[torch.Tensor], dims: list[int], q: torch.Tensor, N: int
+) -> None:
+    """Each ``tensors[l]`` is ``[H, d_{l−1}, d_l]`` or ``[N, H, d_{l−1}, d_l]`` with ``d = dims``."""
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(dims) - 1:
+        raise ValueError(f"{name} must be a list of {len(dims) - 1} per-layer tensors [H, d_in, d_out]")
+    H = q.shape[2]
+    for layer, t in enumerate(tensors):
+        shared = isinstance(t, torch.Tensor) and t.dim() == 3
+        lead, what = ([H], "[H, d_in, d_out]") if shared else ([N, H], "[N, H, d_in, d_out]")
+        check_shape(f"{name}[{layer}]", t, [*lead, dims[layer], dims[layer + 1]], what)
+        _check_like(f"{name}[{layer}]", t, q)
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: dict[str, torch.Tensor | None],
+    weights: Sequence[torch.Tensor],
+    initial_momentum: Sequence[torch.Tensor] | None,
+    cu_seqlens: torch.Tensor | None,
+    options: dict[str, object],
+) -> None:
+    """Raise ``ValueError`` naming the argument and its expected shape, range or values."""
+    check_shape("q", q, [None] * 4, "[B, T, H, D]")
+    B, T, H, D = q.shape
+    if T < 1:
+        raise ValueError(f"q must have at least one token (T >= 1), got shape {list(q.shape)}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q must be a floating-point tensor, got dtype={q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        check_shape(name, t, [B, T, H, D], "[B, T, H, D]")
+        _check_like(name, t, q)
+    _check_gates(gates, q)
+    check_cu_seqlens(cu_seqlens, B, T)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise ValueError("weights must be a non-empty list of per-layer tensors [H, d_in, d_out]")
+    # d_0 = D, d_l = weights[l-1].shape[-1], d_L = D (the memory maps keys to values)
+    dims = [D, *[w.shape[-1] if isinstance(w, torch.Tensor) else -1 for w in weights[:-1]], D]
+    _check_state("weights", weights, dims, q, N)
+    if initial_momentum is not None:
+        _check_state("initial_momentum", initial_momentum, dims, q, N)
+    chunk_size = options["chunk_size"]
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    _check_choice("activation", options["activation"], list(ACTIVATIONS))
+    _check_choice("bias", options["bias"], list(BIASES))
+    _check_choice("retention", options["retention"], list(RETENTIONS))
+
+
+def deep_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: torch.Tensor | None,
+    forget: torch.Tensor | None,
+    weights: Sequence[torch.Tensor],
+    *,
+    chunk_size: int = 16,
+    residual: bool = True,
+    norm: bool = True,
+    activation: str = "gelu",
+    bias: str = "l2",
+    retention: str = "none",
+    initial_momentum: Sequence[torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, State | None]:
+    """Titans neural memory (arXiv 2501.00663): momentum, forgetting, retrieval on ``[B, T, H, D]``.
+
+    Memory ``M(x) = x + LN(h_L)`` (``residual``, ``norm``) with ``h_l = φ(h_{l−1} W_l)`` and no
+    activation after ``W_L``; per-token gates ``lr`` θ ≥ 0, ``momentum`` η ∈ [0, 1] (None: η = 0),
+    ``forget`` α ∈ [0, 1] (None: α = 0), each ``[B, T, H]``. For each chunk of ``chunk_size``
+    tokens, ``u_t = ∇_W ℓ_t`` at the previous chunk's end weights, ``S_t = η_t S_{t−1} − θ_t u_t``,
+    ``W_t = (1 − α_t) W_{t−1} + S_t``, ``o_t = M_{W_t}(q_t)``; ``chunk_size=1`` is online GD.
+
+    ``weights[l]``: ``[H, d_{l−1}, d_l]`` (shared) or ``[N, H, d_{l−1}, d_l]`` (a state), with
+    ``d_0 = d_L = D``; ``initial_momentum`` likewise (None: zeros). ``bias`` names the attentional
+    bias ψ and ``retention`` the chunk-end transform (see ``objectives``). ``cu_seqlens``: packed
+    documents (batch 1), each starting from its own row of the state. Returns ``(o, final_state)``
+    with ``final_state = (W_T list, S_T list)``, each ``[N, H, d_{l−1}, d_l]``, if
+    ``output_final_state``.
+    """
+    gates = {"lr": lr, "momentum": momentum, "forget": forget}
+    options = {"chunk_size": chunk_size, "activation": activation, "bias": bias, "retention": retention}
+    _validate(q, k, v, gates, weights, initial_momentum, cu_seqlens, options)
+    resolved = resolve_backend(backend, q)
+    if resolved == "triton" and (bias, retention) != TRITON_HOOKS:
+        if backend == "triton":
+            raise ValueError(
+                f"backend='triton' implements bias={TRITON_HOOKS[0]!r}, retention="
+                f"{TRITON_HOOKS[1]!r} only; got bias={bias!r}, retention={retention!r}"
+            )
+        resolved = "torch"
+    kwargs = dict(
+        chunk_size=chunk_size,
+        residual=residual,
+        norm=norm,
+        activation=activation,
+        initial_momentum=initial_momentum,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
+    if resolved == "triton":
+        from .triton_chunk import deep_memory_triton
+
+        return deep_memory_triton(q, k, v, lr, momentum, forget, weights, **kwargs)
+    op = deep_memory_naive if resolved == "naive" else deep_memory_chunk
+    return op(q, k, v, lr, momentum, forget, weights, bias=bias, retention=retention, **kwargs)

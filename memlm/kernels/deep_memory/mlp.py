@@ -1,0 +1,89 @@
+"""The memory function of Titans/Miras: an MLP whose weights are the recurrent state.
+
+``h_0 = x``; ``h_l = φ(z_l)`` with ``z_l = h_{l−1} W_l`` for ``l < L``; ``h_L = z_L``;
+``M(x) = x + LN(h_L)`` (residual, affine-free LayerNorm), each part optional
+(the Titans memory, arXiv 2501.00663; ``L = 1`` without residual and norm is linear memory).
+
+The per-layer linear map is a parameter so that one function serves both reads of the
+chunked path: plain weights (``h W_l``) and the dual-form read through ``W_t`` (decayed
+``W_0`` plus outer-product corrections). :func:`memory_backward` back-propagates an output
+gradient to every layer's pre-activation, giving the right factor of each weight gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LN_EPS = 1e-5
+
+
+class Activation(NamedTuple):
+    """An elementwise nonlinearity φ and its derivative φ'."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    grad: Callable[[torch.Tensor], torch.Tensor]
+
+
+def gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    """Derivative of exact GELU ``z Φ(z)``: ``Φ(z) + z ϕ(z)`` (ϕ the standard normal density)."""
+    return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+ACTIVATIONS: dict[str, Activation] = {"gelu": Activation(F.gelu, gelu_grad)}
+
+Linear = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class MemoryTrace(NamedTuple):
+    """What :func:`memory_backward` needs from a forward pass."""
+
+    inputs: list[torch.Tensor]  # h_0 … h_{L−1}: the left factors of each layer's weight gradient
+    pre: list[torch.Tensor]  # z_1 … z_{L−1}: pre-activations of the hidden layers
+    normed: torch.Tensor | None  # LN(h_L), None without norm
+    rstd: torch.Tensor | None  # 1 / sqrt(Var(h_L) + eps), None without norm
+
+
+def memory_apply(
+    x: torch.Tensor, linear: Linear, depth: int, *, activation: str, residual: bool, norm: bool
+) -> tuple[torch.Tensor, MemoryTrace]:
+    """``M(x)`` with layer ``l`` computed as ``z_l = linear(l, h_{l−1})``, and its trace."""
+    phi = ACTIVATIONS[activation].fn
+    h, inputs, pre = x, [], []
+    for layer in range(depth):
+        inputs.append(h)
+        h = linear(layer, h)
+        if layer < depth - 1:
+            pre.append(h)
+            h = phi(h)
+    normed = rstd = None
+    if norm:
+        centred = h - h.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + LN_EPS)
+        h = normed = centred * rstd
+    return (x + h if residual else h), MemoryTrace(inputs, pre, normed, rstd)
+
+
+def memory_backward(
+    grad: torch.Tensor, weights: Sequence[torch.Tensor], trace: MemoryTrace, *, activation: str
+) -> list[torch.Tensor]:
+    """``Δ_l = ∂ℓ/∂z_l`` for every layer from ``grad = ∂ℓ/∂M(x)`` (chain rule through the
+    affine-free LayerNorm, ``W_l`` and φ), so that ``∇_{W_l} ℓ = h_{l−1}ᵀ Δ_l``."""
+    if trace.normed is not None:
+        y = trace.normed
+        grad = trace.rstd * (grad - grad.mean(-1, keepdim=True) - y * (grad * y).mean(-1, keepdim=True))
+    phi_grad = ACTIVATIONS[activation].grad
+    deltas = [grad]
+    for layer in range(len(weights) - 1, 0, -1):
+        grad = (grad @ weights[layer].mT) * phi_grad(trace.pre[layer - 1])
+        deltas.append(grad)
+    return deltas[::-1]
+
+
+def weight_linear(weights: Sequence[torch.Tensor]) -> Linear:
+    """The plain read ``z_l = h W_l`` (``h: [..., n, d_{l−1}]``, ``W_l: [..., d_{l−1}, d_l]``)."""
+    return lambda layer, h: h @ weights[layer]
