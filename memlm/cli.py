@@ -9,6 +9,7 @@ COMMANDS = {
     "train": ("memlm.train.__main__", "pretrain a model (see configs/runs)"),
     "probe": ("memlm.eval.cli", "recall probes: mqar, niah, passkey, perplexity"),
     "eval-harness": ("memlm.eval.harness", "lm-evaluation-harness tasks on a checkpoint"),
+    "convert": ("memlm.models.convert.cli", "write a checkpoint (fla, m-a-p, Hub id) in memlm's format"),
 }
 
 

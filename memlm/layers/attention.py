@@ -33,6 +33,7 @@ class Attention(Mixer):
         rope_theta: float | None = None  # default: config.rope_theta
         num_persistent: int = 0  # learned persistent key/value slots
         qkv_bias: bool = False
+        qk_norm: bool = False  # RMSNorm (eps 1e-5) over each q and k head before RoPE (fla `qk_norm`)
 
         def validate(self) -> None:
             for name in ("num_heads", "num_kv_heads", "head_dim", "window_size"):
@@ -63,6 +64,8 @@ class Attention(Mixer):
         self.k_proj = nn.Linear(hidden_size, kv_dim, bias=opts.qkv_bias)
         self.v_proj = nn.Linear(hidden_size, kv_dim, bias=opts.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if opts.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if opts.qk_norm else None
         if self.num_persistent:
             shape = (self.num_persistent, self.num_kv_heads, self.head_dim)
             self.persistent_k = nn.Parameter(torch.zeros(shape))
@@ -104,6 +107,8 @@ class Attention(Mixer):
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q_pos = document_positions(seqlen, cu_seqlens, seen, x.device)
         q, k = rotary(q, q_pos, self.rope_theta), rotary(k, q_pos, self.rope_theta)
         if past_k is not None:
