@@ -1,15 +1,16 @@
 """Deep (MLP) memory trained online by chunked gradient descent with momentum and decay.
 
-Titans (Behrouz, Zhong, Mirrokni 2025, arXiv 2501.00663) and the Miras variants: the memory
-is an MLP ``M_W``; every token writes ``(k_t, v_t)`` by one gradient step on
-``ℓ_t(W) = ‖M_W(k_t) − v_t‖²`` and reads ``o_t = M_{W_t}(q_t)``. Three implementations agree:
-``naive`` (per token), ``torch`` (chunked dual form) and ``triton`` (CUDA kernels).
+Titans (Behrouz, Zhong, Mirrokni 2025, arXiv 2501.00663) and the Miras variants (Behrouz et al.
+2025, arXiv 2504.13173): the memory is an MLP ``M_W``; every token writes ``(k_t, v_t)`` by one
+gradient step on an attentional bias ``ℓ_t(W)`` (default ``‖M_W(k_t) − v_t‖²``) and reads
+``o_t = M_{W_t}(q_t)``. Three implementations agree: ``naive`` (per token), ``torch`` (chunked
+dual form) and ``triton`` (CUDA kernels; ℓ2 bias without retention map).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -17,7 +18,7 @@ from .._common import check_cu_seqlens, check_range, check_shape, resolve_backen
 from .chunk import deep_memory_chunk
 from .mlp import ACTIVATIONS
 from .naive import deep_memory_naive
-from .objectives import BIASES, RETENTIONS
+from .objectives import BIASES, LOWER_BOUNDS, RETENTIONS, WEIGHT_STATE, hook_parameters, per_token_arguments
 
 __all__ = ["deep_memory", "deep_memory_naive", "deep_memory_chunk", "ACTIVATIONS", "BIASES", "RETENTIONS"]
 
@@ -37,8 +38,11 @@ def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         )
 
 
+GATE_RANGES = {"lr": math.inf, "momentum": 1.0, "forget": 1.0, "delta": math.inf}  # upper bounds; all >= 0
+
+
 def _check_gates(gates: dict[str, torch.Tensor | None], q: torch.Tensor) -> None:
-    """θ ∈ [0, ∞), η ∈ [0, 1], α ∈ [0, 1], each a float tensor ``[B, T, H]`` on q's device."""
+    """θ ∈ [0, ∞), η ∈ [0, 1], α ∈ [0, 1], δ ∈ [0, ∞), each a float tensor ``[B, T, H]`` on q's device."""
     B, T, H = q.shape[:3]
     if gates["lr"] is None:
         raise ValueError("lr (the learning-rate gate θ) is required, shape [B, T, H]")
@@ -48,7 +52,55 @@ def _check_gates(gates: dict[str, torch.Tensor | None], q: torch.Tensor) -> None
             raise ValueError(
                 f"{name} must be a floating-point tensor on {q.device}, got {gate.dtype} on {gate.device}"
             )
-        check_range(name, gate, 0.0, math.inf if name == "lr" else 1.0)
+        check_range(name, gate, 0.0, GATE_RANGES[name])
+
+
+def _check_hook_params(
+    kind: str, name: str, params: Mapping[str, float] | None, fn: Callable[..., torch.Tensor]
+) -> None:
+    """``params`` (``bias_params``/``retention_params``) name scalar parameters of hook ``name``
+    within their bounds (``LOWER_BOUNDS``)."""
+    if params is None:
+        return
+    arg = f"{kind}_params"
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{arg} must be a dict of scalar parameters or None, got {type(params).__name__}")
+    allowed = tuple(hook_parameters(fn))
+    bounds = LOWER_BOUNDS.get(name, {})
+    for key, value in params.items():
+        if key not in allowed:
+            raise ValueError(f"{arg} key {key!r} is not a parameter of {kind}={name!r}; allowed: {allowed}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{arg}[{key!r}] must be a finite real number, got {value!r}")
+        low, closed = bounds.get(key, (-math.inf, True))
+        if value < low or (value == low and not closed):
+            relation = ">=" if closed else ">"
+            raise ValueError(f"{arg}[{key!r}] must be {relation} {low} for {kind}={name!r}, got {value!r}")
+
+
+def _check_hooks(
+    options: dict[str, object], delta: torch.Tensor | None, weights: Sequence[torch.Tensor]
+) -> None:
+    """Known hook names, their parameters, the per-token threshold δ iff the bias takes one, and
+    positive weights for retentions whose state is the weights (``softmax`` takes ``log W``)."""
+    bias, retention = options["bias"], options["retention"]
+    _check_choice("bias", bias, list(BIASES))
+    _check_choice("retention", retention, list(RETENTIONS))
+    _check_hook_params("bias", bias, options["bias_params"], BIASES[bias])
+    _check_hook_params("retention", retention, options["retention_params"], RETENTIONS[retention])
+    takes_delta = "delta" in per_token_arguments(BIASES[bias])
+    if takes_delta and delta is None:
+        raise ValueError(f"delta (the per-token threshold δ_t, [B, T, H]) is required for bias={bias!r}")
+    if delta is not None and not takes_delta:
+        users = tuple(n for n, fn in BIASES.items() if "delta" in per_token_arguments(fn))
+        raise ValueError(f"delta is used only by the biases {users}; got bias={bias!r}")
+    if retention in WEIGHT_STATE:
+        for layer, w in enumerate(weights):
+            if w.numel() and w.min().item() <= 0:
+                raise ValueError(
+                    f"retention={retention!r} keeps the weights on a scaled simplex and needs them positive: "
+                    f"weights[{layer}] has min {w.min().item():.4g}"
+                )
 
 
 def _check_state(
@@ -99,8 +151,7 @@ def _validate(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     _check_choice("activation", options["activation"], list(ACTIVATIONS))
-    _check_choice("bias", options["bias"], list(BIASES))
-    _check_choice("retention", options["retention"], list(RETENTIONS))
+    _check_hooks(options, gates["delta"], weights)
 
 
 def deep_memory(
@@ -118,6 +169,9 @@ def deep_memory(
     activation: str = "gelu",
     bias: str = "l2",
     retention: str = "none",
+    bias_params: Mapping[str, float] | None = None,
+    retention_params: Mapping[str, float] | None = None,
+    delta: torch.Tensor | None = None,
     initial_momentum: Sequence[torch.Tensor] | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
@@ -132,14 +186,25 @@ def deep_memory(
     ``W_t = (1 − α_t) W_{t−1} + S_t``, ``o_t = M_{W_t}(q_t)``; ``chunk_size=1`` is online GD.
 
     ``weights[l]``: ``[H, d_{l−1}, d_l]`` (shared) or ``[N, H, d_{l−1}, d_l]`` (a state), with
-    ``d_0 = d_L = D``; ``initial_momentum`` likewise (None: zeros). ``bias`` names the attentional
-    bias ψ and ``retention`` the chunk-end transform (see ``objectives``). ``cu_seqlens``: packed
+    ``d_0 = d_L = D``; ``initial_momentum`` likewise (None: zeros). ``cu_seqlens``: packed
     documents (batch 1), each starting from its own row of the state. Returns ``(o, final_state)``
     with ``final_state = (W_T list, S_T list)``, each ``[N, H, d_{l−1}, d_l]``, if
     ``output_final_state``.
+
+    Miras hooks (``objectives``; the exact chunked semantics are in ``deep_memory_naive``):
+    ``bias`` ∈ ``BIASES`` — ``"l2"`` ‖e‖², ``"lp"`` (Moneta; ``bias_params`` ``p`` ≥ 1 default 3,
+    ``nu`` > 0, ``eps`` > 0), ``"huber"`` (Yaad; needs ``delta`` δ_t ≥ 0 ``[B, T, H]``), ``"dot"``
+    −⟨M(k), v⟩. ``retention`` ∈ ``RETENTIONS`` — the map ``W = R(A)`` from the state ``A`` to the
+    weights, exact at chunk ends: ``"none"``, ``"lq_norm"`` (Moneta, ``A / ‖A‖_q^{q−2}``;
+    ``retention_params`` ``q`` ≥ 2 default 4; the state is the accumulator ``A``), ``"softmax"``
+    (Memora, ``c·Softmax`` over each output unit's inputs; ``c`` > 0 default 1; ``weights`` and the
+    final state are the positive weights ``W``).
     """
-    gates = {"lr": lr, "momentum": momentum, "forget": forget}
-    options = {"chunk_size": chunk_size, "activation": activation, "bias": bias, "retention": retention}
+    gates = {"lr": lr, "momentum": momentum, "forget": forget, "delta": delta}
+    options = {
+        "chunk_size": chunk_size, "activation": activation, "bias": bias, "retention": retention,
+        "bias_params": bias_params, "retention_params": retention_params,
+    }  # fmt: skip
     _validate(q, k, v, gates, weights, initial_momentum, cu_seqlens, options)
     resolved = resolve_backend(backend, q)
     if resolved == "triton" and (bias, retention) != TRITON_HOOKS:
@@ -163,4 +228,5 @@ def deep_memory(
 
         return deep_memory_triton(q, k, v, lr, momentum, forget, weights, **kwargs)
     op = deep_memory_naive if resolved == "naive" else deep_memory_chunk
-    return op(q, k, v, lr, momentum, forget, weights, bias=bias, retention=retention, **kwargs)
+    hooks = dict(bias=bias, retention=retention, bias_params=bias_params, retention_params=retention_params)
+    return op(q, k, v, lr, momentum, forget, weights, delta=delta, **hooks, **kwargs)

@@ -1,25 +1,27 @@
 """Chunked deep-memory op in plain PyTorch: the TTT "dual form" of DESIGN.md §3.
 
 Per chunk of ``b`` tokens: forward the keys through the MLP at the chunk-start weights
-``W_0``, back-propagate ψ(M(k) − v) to get every layer's (input ``X_l``, error ``Δ_l``)
+``W_0 = R(A_0)``, back-propagate ψ(M(k) − v) to get every layer's (input ``X_l``, error ``Δ_l``)
 factors of the per-token gradients ``u^{(l)}_i = X_{l,i}ᵀ Δ_{l,i}``; then read the queries
 through ``W_t`` without materialising it, layer by layer,
 
     ``Z_l = β ⊙ (H_{l−1} W_0) + d ⊙ (H_{l−1} S_0) − (G ⊙ H_{l−1} X_lᵀ) Δ_l``,
 
-and carry the state from the chunk's last row. Batched over sequences and heads; the
-only Python loop is over chunks. Autograd provides the backward.
+and carry the state ``A`` from the chunk's last row. With a retention map ``R`` other than the
+identity, the chunk's last token is read through the exact ``R(A_end)`` instead (the semantics of
+``naive``). Batched over sequences and heads; the only Python loop is over chunks. Autograd
+provides the backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from .coefficients import ChunkCoefficients, chunk_coefficients
 from .mlp import memory_apply, memory_backward, weight_linear
-from .objectives import BIASES, RETENTIONS, Bias
+from .objectives import Bias, bias_hook, dual_state, exchanged_state, retention_hook
 from .state import gates_or_defaults, initial_state
 
 State = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -56,12 +58,13 @@ def _end_rows(coef: ChunkCoefficients, last: torch.Tensor) -> ChunkCoefficients:
 
 
 def _gradient_factors(
-    k: torch.Tensor, v: torch.Tensor, W: list[torch.Tensor], psi: Bias, mlp: dict
+    k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor | None, W: list[torch.Tensor], psi: Bias, mlp: dict
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Layer inputs ``X_l`` and back-propagated errors ``Δ_l`` at ``W_0`` of a chunk's keys, so
     that ``∇_{W_l} ℓ_i = X_{l,i}ᵀ Δ_{l,i}`` with ``∂ℓ_i/∂M = ψ(M(k_i) − v_i)``."""
     out, trace = memory_apply(k, weight_linear(W), **mlp)
-    return trace.inputs, memory_backward(psi(out - v), W, trace, activation=mlp["activation"])
+    grad = psi(out - v, v=v, delta=delta)
+    return trace.inputs, memory_backward(grad, W, trace, activation=mlp["activation"])
 
 
 def _dual_read(
@@ -84,6 +87,17 @@ def _dual_read(
     return memory_apply(q, linear, **mlp)[0]
 
 
+def _exact_end_read(
+    out: torch.Tensor, q: torch.Tensor, W: list[torch.Tensor], last: torch.Tensor, mlp: dict
+) -> torch.Tensor:
+    """Replace row ``last[n]`` of each sequence's chunk output ``out: [N, H, b, D]`` by ``M_W(q)``
+    read at that row through the chunk-end weights ``W``."""
+    row = last[:, None, None, None]
+    q_end = q.gather(-2, row.expand(*q.shape[:2], 1, q.shape[-1]))
+    o_end = memory_apply(q_end, weight_linear(W), **mlp)[0]
+    return torch.where(torch.arange(q.shape[-2], device=q.device)[:, None] == row, o_end, out)
+
+
 def deep_memory_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,13 +113,16 @@ def deep_memory_chunk(
     activation: str = "gelu",
     bias: str = "l2",
     retention: str = "none",
+    bias_params: Mapping[str, float] | None = None,
+    retention_params: Mapping[str, float] | None = None,
+    delta: torch.Tensor | None = None,
     initial_momentum: Sequence[torch.Tensor] | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State | None]:
-    """Chunk-parallel Titans update (mini-batch GD, arXiv 2501.00663; DESIGN.md §3), same semantics and
-    signature as :func:`deep_memory_naive`."""
-    psi, retain = BIASES[bias], RETENTIONS[retention]
+    """Chunk-parallel Titans/Miras update (mini-batch GD, arXiv 2501.00663, 2504.13173; DESIGN.md §3), same
+    semantics and signature as :func:`deep_memory_naive`."""
+    psi, mirror = bias_hook(bias, bias_params), retention_hook(retention, retention_params)
     depth, b = len(weights), chunk_size
     B, T, H, D = q.shape
     starts, lengths = _sequence_lengths(B, T, cu_seqlens)
@@ -116,13 +133,18 @@ def deep_memory_chunk(
     valid = (pos < length[:, None]).view(N, n_chunks, b)
     index = torch.tensor(starts, device=q.device)[:, None] + torch.minimum(pos, length[:, None] - 1)
     Q, K, V = (_pack(x, index, valid) for x in (q, k, v))  # [N, H, n_chunks, b, D]
+    deltas = [None] * n_chunks if delta is None else _pack(delta, index, valid)[..., None].unbind(2)
 
     coef_dtype = torch.promote_types(lr.dtype, torch.float32)
     gates = (_pack(g.to(coef_dtype), index, valid) for g in gates_or_defaults(lr, momentum, forget))
     coef = ChunkCoefficients(*(c.to(q.dtype) for c in chunk_coefficients(*gates)))
     chunk_start = torch.arange(n_chunks, device=q.device) * b
-    end = _end_rows(coef, (length[:, None] - 1 - chunk_start).clamp(0, b - 1))
-    W, S = initial_state(weights, initial_momentum, N)
+    last = (length[:, None] - 1 - chunk_start).clamp(0, b - 1)  # [N, n_chunks]: row closing each chunk
+    end = _end_rows(coef, last)
+    A, S = initial_state(weights, initial_momentum, N)
+    A = dual_state(retention, A)
+    W = [mirror(a) for a in A]
+    exact_ends = retention != "none"
 
     mlp = dict(depth=depth, activation=activation, residual=residual, norm=norm)
     # unbind once: indexing chunk c of a tensor that requires grad costs a full-size backward each time
@@ -131,20 +153,23 @@ def deep_memory_chunk(
         *(end.beta[..., None, None], end.d[..., None, None], end.m[..., None, None]),
         *(end.G[..., None], end.n[..., None]),
     )
+    lasts = last.unbind(1)
     outputs = []
     for c, (Qc, Kc, Vc, beta, d, G, beta_e, d_e, m_e, G_e, n_e) in enumerate(
         zip(*(x.unbind(2) for x in per_chunk))
     ):
-        X, delta = _gradient_factors(Kc, Vc, W, psi, mlp)
-        outputs.append(_dual_read(Qc, W, S, X, delta, beta, d, G, mlp))
-        W_next = [retain(beta_e * w + d_e * s - x.mT @ (G_e * dl)) for w, s, x, dl in zip(W, S, X, delta)]
-        S_next = [m_e * s - x.mT @ (n_e * dl) for s, x, dl in zip(S, X, delta)]
+        X, err = _gradient_factors(Kc, Vc, deltas[c], W, psi, mlp)
+        out = _dual_read(Qc, W, S, X, err, beta, d, G, mlp)
+        A_next = [beta_e * a + d_e * s - x.mT @ (G_e * dl) for a, s, x, dl in zip(A, S, X, err)]
+        S_next = [m_e * s - x.mT @ (n_e * dl) for s, x, dl in zip(S, X, err)]
         if c * b >= min(lengths):  # some sequences ended in an earlier chunk: keep their state
             live = (c * b < length)[:, None, None, None]
-            W_next = [torch.where(live, new, old) for new, old in zip(W_next, W)]
+            A_next = [torch.where(live, new, old) for new, old in zip(A_next, A)]
             S_next = [torch.where(live, new, old) for new, old in zip(S_next, S)]
-        W, S = W_next, S_next
+        A, S = A_next, S_next
+        W = [mirror(a) for a in A]
+        outputs.append(_exact_end_read(out, Qc, W, lasts[c], mlp) if exact_ends else out)
 
     o = torch.stack(outputs, dim=2).permute(0, 2, 3, 1, 4).reshape(N, n_chunks * b, H, D)
     o = o[valid.view(N, -1)].view(B, T, H, D)
-    return o, ((W, S) if output_final_state else None)
+    return o, ((exchanged_state(retention, mirror, A), S) if output_final_state else None)

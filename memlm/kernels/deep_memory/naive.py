@@ -1,4 +1,4 @@
-"""Naive deep-memory recurrence: one token at a time, straight from the Titans equations.
+"""Naive deep-memory recurrence: one token at a time, straight from the Titans/Miras equations.
 
 This is the definition of correctness for the chunked PyTorch and Triton paths. Slow by
 design; float64-capable; its outputs are differentiable with respect to every input
@@ -7,13 +7,13 @@ design; float64-capable; its outputs are differentiable with respect to every in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from .._common import segments
 from .mlp import memory_apply, weight_linear
-from .objectives import BIASES, RETENTIONS
+from .objectives import bias_hook, dual_state, exchanged_state, retention_hook
 from .state import gates_or_defaults, initial_state
 
 State = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -34,52 +34,67 @@ def deep_memory_naive(
     activation: str = "gelu",
     bias: str = "l2",
     retention: str = "none",
+    bias_params: Mapping[str, float] | None = None,
+    retention_params: Mapping[str, float] | None = None,
+    delta: torch.Tensor | None = None,
     initial_momentum: Sequence[torch.Tensor] | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State | None]:
-    """Titans memory update (arXiv 2501.00663) with chunked gradients, one token at a time:
+    """Titans memory update (arXiv 2501.00663) with the Miras hooks (arXiv 2504.13173), one token at a time.
 
-    ``u_t = ∇_W ℓ(W_c; k_t, v_t) = (∂M/∂W)ᵀ ψ(M_{W_c}(k_t) − v_t)`` at the weights ``W_c`` of the
-    end of the previous chunk of ``chunk_size`` tokens (after the retention transform);
-    ``S_t = η_t S_{t−1} − θ_t u_t``; ``W_t = (1 − α_t) W_{t−1} + S_t``; ``o_t = M_{W_t}(q_t)``.
+    The state is ``(A, S)`` and the memory computes with weights ``W = R(A)`` (``R`` the retention map).
+    For each chunk of ``chunk_size`` tokens with start state ``(A_c, S_c)`` and ``W_c = R(A_c)``:
 
-    Shapes: ``q, k, v: [B, T, H, D]``; ``lr, momentum, forget: [B, T, H]``; ``weights[l]``:
-    ``[H, d_{l−1}, d_l]`` or ``[N, H, d_{l−1}, d_l]``. Returns ``(o, (W_T, S_T))``.
+    * ``u_t = ∇_W ℓ(W_c; k_t, v_t) = (∂M/∂W)ᵀ ψ(M_{W_c}(k_t) − v_t)``;
+    * ``S_t = η_t S_{t−1} − θ_t u_t`` and ``A_t = (1 − α_t) A_{t−1} + S_t`` (exact);
+    * inside the chunk the read is linearised, ``W_t = (1 − α_t) W_{t−1} + S_t`` from ``W_c``; at the
+      chunk's last token the map is applied exactly, ``W_t = R(A_t)``; ``o_t = M_{W_t}(q_t)``.
+
+    With ``chunk_size=1`` this is the per-token rule ``W_t = R(A_t)`` with gradients at ``W_{t−1}``:
+    Moneta's ``A_t = α A_{t−1} − η ∇ℓ_p``, ``W_t = A_t / ‖A_t‖_q^{q−2}`` and Memora's
+    ``W_t = c·Softmax(α log W_{t−1} − η ∇ℓ)``. With ``R`` the identity both reads agree (Titans).
+
+    Shapes: ``q, k, v: [B, T, H, D]``; ``lr, momentum, forget, delta: [B, T, H]``; ``weights[l]``:
+    ``[H, d_{l−1}, d_l]`` or ``[N, H, d_{l−1}, d_l]``. Returns ``(o, (state_T, S_T))``.
     """
     theta, eta, alpha = gates_or_defaults(lr, momentum, forget)
-    psi, retain = BIASES[bias], RETENTIONS[retention]
+    psi, mirror = bias_hook(bias, bias_params), retention_hook(retention, retention_params)
     depth = len(weights)
     B, T = q.shape[:2]
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    W_all, S_all = initial_state(weights, initial_momentum, n_seq)
+    A_all, S_all = initial_state(weights, initial_momentum, n_seq)
+    A_all = dual_state(retention, A_all)
 
     def M(x: torch.Tensor, W: Sequence[torch.Tensor]) -> torch.Tensor:
         out, _ = memory_apply(x, weight_linear(W), depth, activation=activation, residual=residual, norm=norm)
         return out
 
-    outputs, finals_W, finals_S = [], [], []
+    outputs, finals_A, finals_S = [], [], []
     for i, (start, end) in enumerate(segments(cu_seqlens, T)):
         rows = slice(None) if cu_seqlens is None else slice(i, i + 1)
         batch = slice(None) if cu_seqlens is None else slice(0, 1)
-        W = [w[rows] for w in W_all]
+        A = [a[rows] for a in A_all]
         S = [s[rows] for s in S_all]
+        W = [mirror(a) for a in A]
         for t in range(start, end):
             if (t - start) % chunk_size == 0:
                 W_c = W
             k_t, v_t, q_t = (x[batch, t].unsqueeze(-2) for x in (k, v, q))
+            delta_t = None if delta is None else delta[batch, t, :, None, None]
             m_t, vjp = torch.func.vjp(lambda *ws, k_t=k_t: M(k_t, ws), *W_c)
-            u = vjp(psi(m_t - v_t))
+            u = vjp(psi(m_t - v_t, v=v_t, delta=delta_t))
             th, et, al = (g[batch, t, :, None, None] for g in (theta, eta, alpha))
             S = [et * s - th * u_l for s, u_l in zip(S, u)]
+            A = [(1 - al) * a + s for a, s in zip(A, S)]
             W = [(1 - al) * w + s for w, s in zip(W, S)]
-            outputs.append(M(q_t, W).squeeze(-2))
             if (t - start + 1) % chunk_size == 0 or t == end - 1:
-                W = [retain(w) for w in W]
-        finals_W.append(W)
+                W = [mirror(a) for a in A]
+            outputs.append(M(q_t, W).squeeze(-2))
+        finals_A.append(exchanged_state(retention, mirror, A))
         finals_S.append(S)
 
     o = torch.stack(outputs, dim=1)
     if not output_final_state:
         return o, None
-    return o, ([torch.cat(ws) for ws in zip(*finals_W)], [torch.cat(ss) for ss in zip(*finals_S)])
+    return o, ([torch.cat(a) for a in zip(*finals_A)], [torch.cat(s) for s in zip(*finals_S)])

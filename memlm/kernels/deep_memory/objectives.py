@@ -1,26 +1,35 @@
-"""Miras hooks of the deep-memory op: the attentional bias and the retention transform.
+"""Miras hooks of the deep-memory op: the attentional bias ψ and the retention map R.
 
-Miras (Behrouz et al. 2025, arXiv 2504.13173) describes a memory by its inner loss
-(attentional bias) and its retention gate. The op only needs two elementwise pieces:
+Miras (Behrouz et al. 2025, arXiv 2504.13173) describes a memory by its inner loss (attentional
+bias) and its retention. The op needs two pieces, looked up here by the naive reference and the
+PyTorch chunked path (the Triton kernels implement ``l2``/``none`` themselves):
 
-* ``BIASES[name](e)`` — ψ(e) = ∂ℓ/∂M(k), the derivative of the attentional bias with
-  respect to the memory output, evaluated at the error ``e = M(k) − v`` (shape ``[..., D]``).
-  The weight gradient is then ``u = (∂M/∂W)ᵀ ψ(e)``, back-propagated through the MLP.
-* ``RETENTIONS[name](w)`` — a transform applied to each layer's weights ``[N, H, d_in, d_out]``
-  at every chunk end (after the update of the chunk's last token).
+* ``BIASES[name](e, *, <per-token tensors>, <parameters>)`` — ψ = ∂ℓ/∂M(k), the derivative of the
+  attentional bias with respect to the memory output at the error ``e = M(k) − v`` (``[..., D]``).
+  The weight gradient is ``u = (∂M/∂W)ᵀ ψ``, back-propagated through the MLP. A bias may also take
+  the per-token tensors named in ``PER_TOKEN`` as keyword arguments (``v`` the target value,
+  ``delta`` a threshold ``[..., 1]``); its other keyword arguments are scalar parameters with defaults.
+* ``RETENTIONS[name](A, *, <parameters>)`` — the mirror map ``W = R(A)`` from the recurrent (dual)
+  state ``A`` (``[N, H, d_in, d_out]`` per layer) to the weights the memory computes with. The
+  state follows the linear Titans recurrence ``A_t = (1 − α_t) A_{t−1} + S_t``,
+  ``S_t = η_t S_{t−1} − θ_t ∇ℓ(R(A_·))``; the map is applied exactly at every chunk end (see
+  ``naive``). Moneta's ℓq normalisation and Memora's KL (softmax) retention are such maps.
 
-The naive reference, the PyTorch chunked path and the Triton path all look hooks up here,
-so a Miras variant (ℓp, Huber, ℓq normalisation, softmax) is one new entry in each table.
+Parameters are bound once per call by :func:`bias_hook` / :func:`retention_hook`, so every path
+evaluates exactly the same function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-Bias = Callable[[torch.Tensor], torch.Tensor]
-Retention = Callable[[torch.Tensor], torch.Tensor]
+Bias = Callable[..., torch.Tensor]
+Retention = Callable[..., torch.Tensor]
+
+PER_TOKEN = ("v", "delta")  # keyword arguments of a bias that are per-token tensors, not parameters
 
 
 def l2_bias(e: torch.Tensor) -> torch.Tensor:
@@ -28,10 +37,105 @@ def l2_bias(e: torch.Tensor) -> torch.Tensor:
     return 2 * e
 
 
-def no_retention(w: torch.Tensor) -> torch.Tensor:
-    """Identity retention: the state carries over chunk ends unchanged (Titans)."""
-    return w
+def lp_bias(e: torch.Tensor, *, p: float = 3.0, nu: float = 10.0, eps: float = 1e-6) -> torch.Tensor:
+    """Moneta's ℓp bias ``ℓ = ‖M(k) − v‖_p^p`` (Miras §3): ψ(e) = p·Sign(e) ⊙ |e|^{p−1}, with the
+    paper's smooth surrogates ``Sign(e) ≈ tanh(ν e)`` and ``|e| ≈ sqrt(e² + ε)``:
+    ``ψ(e) = p · tanh(ν e) ⊙ (e² + ε)^{(p−1)/2}``. ``p = 3`` is the paper's Moneta; the defaults
+    ν = 10 and ε = 1e-6 are ours."""
+    return p * torch.tanh(nu * e) * (e * e + eps) ** ((p - 1) / 2)
 
 
-BIASES: dict[str, Bias] = {"l2": l2_bias}
-RETENTIONS: dict[str, Retention] = {"none": no_retention}
+def huber_bias(e: torch.Tensor, *, delta: torch.Tensor) -> torch.Tensor:
+    """Yaad's Huber bias (Miras §5, Yaad update rule): the ℓ2 gradient where the error is small, the
+    δ-scaled ℓ1 gradient elsewhere, switched per token on the vector norm of the error:
+    ``ψ(e) = 2e`` if ``‖e‖₂ ≤ δ_t`` else ``δ_t · Sign(e)`` (``delta: [..., 1]``, one δ_t per token
+    and head). The coordinate-wise Huber loss is a different Miras variant, not this one."""
+    small = torch.linalg.vector_norm(e, dim=-1, keepdim=True) <= delta
+    return torch.where(small, 2 * e, delta * torch.sign(e))
+
+
+def dot_bias(e: torch.Tensor, *, v: torch.Tensor) -> torch.Tensor:
+    """Dot-product bias ``ℓ = −⟨M(k), v⟩`` (Miras §3; linear attention, GLA, Mamba2): ψ = −v,
+    independent of the error ``e``. With a linear memory the update is ``W += θ kᵀv``."""
+    return -v
+
+
+def no_retention(a: torch.Tensor) -> torch.Tensor:
+    """Identity map ``W = A``: the weights are the state (Titans)."""
+    return a
+
+
+def lq_norm_retention(a: torch.Tensor, *, q: float = 4.0) -> torch.Tensor:
+    """Moneta's ℓq retention (Miras §5): ``W = A / ‖A‖_q^{q−2}`` per layer and head, ``‖·‖_q`` the
+    entrywise q-norm of the ``d_in × d_out`` matrix (paper: q = 4; q = 2 is the identity). The norm
+    is floored at machine epsilon so that ``A = 0`` maps to ``W = 0``."""
+    norm = torch.linalg.vector_norm(a, ord=q, dim=(-2, -1), keepdim=True)
+    return a / norm.clamp_min(torch.finfo(a.dtype).eps) ** (q - 2)
+
+
+def softmax_retention(a: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
+    """Memora's KL retention on a scaled simplex (Miras §3–5): ``W = c · Softmax(A)`` per slice, the
+    slice being each output unit's incoming weights (the ``d_in`` axis of ``[d_in, d_out]``). With
+    ``A = log W`` up to a per-slice constant, one token of the linear state recurrence is the paper's
+    ``W_t = c · Softmax((1 − α_t) log W_{t−1} − θ_t ∇ℓ)`` (Softmax is shift invariant)."""
+    return c * torch.softmax(a, dim=-2)
+
+
+BIASES: dict[str, Bias] = {"l2": l2_bias, "lp": lp_bias, "huber": huber_bias, "dot": dot_bias}
+RETENTIONS: dict[str, Retention] = {
+    "none": no_retention,
+    "lq_norm": lq_norm_retention,
+    "softmax": softmax_retention,
+}
+
+# Retentions whose state is exchanged with the caller as the weights ``W = R(A)`` (initial
+# ``weights`` and final state), with the map back to a state ``A``; the others exchange ``A``.
+WEIGHT_STATE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"softmax": torch.log}
+
+# Lower bounds of hook parameters: name -> {parameter: (bound, bound allowed)}.
+LOWER_BOUNDS: dict[str, dict[str, tuple[float, bool]]] = {
+    "lp": {"p": (1.0, True), "nu": (0.0, False), "eps": (0.0, False)},
+    "lq_norm": {"q": (2.0, True)},
+    "softmax": {"c": (0.0, False)},
+}
+
+
+def hook_parameters(fn: Callable[..., torch.Tensor]) -> dict[str, object]:
+    """The scalar parameters of a hook and their defaults (keyword arguments not in ``PER_TOKEN``)."""
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.kind in kinds and p.name not in PER_TOKEN}
+
+
+def per_token_arguments(fn: Callable[..., torch.Tensor]) -> tuple[str, ...]:
+    """The per-token tensors (names from ``PER_TOKEN``) a bias takes."""
+    return tuple(name for name in inspect.signature(fn).parameters if name in PER_TOKEN)
+
+
+def bias_hook(name: str, params: Mapping[str, float] | None) -> Bias:
+    """ψ of bias ``name`` with its parameters bound: ``psi(e, v=…, delta=…)`` forwards only the
+    per-token tensors that bias takes."""
+    fn, bound = BIASES[name], dict(params or {})
+    takes = per_token_arguments(fn)
+
+    def psi(e: torch.Tensor, **per_token: torch.Tensor | None) -> torch.Tensor:
+        return fn(e, **bound, **{k: t for k, t in per_token.items() if k in takes})
+
+    return psi
+
+
+def retention_hook(name: str, params: Mapping[str, float] | None) -> Retention:
+    """The map ``W = R(A)`` of retention ``name`` with its parameters bound."""
+    fn, bound = RETENTIONS[name], dict(params or {})
+    return lambda a: fn(a, **bound)
+
+
+def dual_state(name: str, state: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The recurrent state ``A`` from the caller's state (``log W`` for ``softmax``, else itself)."""
+    to_state = WEIGHT_STATE.get(name)
+    return list(state) if to_state is None else [to_state(w) for w in state]
+
+
+def exchanged_state(name: str, mirror: Retention, state: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The state handed back to the caller: ``R(A)`` for retentions in ``WEIGHT_STATE``, else ``A``."""
+    return [mirror(a) for a in state] if name in WEIGHT_STATE else list(state)
