@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memlm.kernels import deep_memory
+from memlm.kernels.deep_memory.objectives import retention_hook
 from memlm.layers.neural_memory import NeuralMemory
 from memlm.layers.registry import build_mixer
 from memlm.models import MemLMConfig, MemLMForCausalLM
@@ -134,3 +136,41 @@ def test_lmm_solves_mqar() -> None:
     train_set, test_set = mqar_train_test(8192, 64, 4, 20000, 500, seed=0)
     result = train_mqar(model, [train_set], [test_set], lr=3e-3, epochs=4, batch_size=64, eval_every=100)
     assert result.accuracy >= 0.95, result
+
+
+@pytest.mark.parametrize("hooks", [dict(bias="l2_clip", bias_params={"max_norm": 0.3}),
+                                   dict(retention="max_norm", retention_params={"c": 1.5})], ids=["clip", "max_norm"])
+def test_safeguard_hooks_chunked_equals_naive(hooks: dict) -> None:
+    torch.manual_seed(0)
+    B, T, H, D = 2, 13, 2, 8
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    lr = torch.rand(B, T, H, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(H, D, 16, dtype=torch.float64) * 0.5, torch.randn(H, 16, D, dtype=torch.float64) * 0.5]
+    outs = []
+    for backend in ("naive", "torch"):
+        o, (w, _) = deep_memory(q, k, v, lr, None, None, weights, chunk_size=4, output_final_state=True,
+                                backend=backend, **hooks)
+        grads = torch.autograd.grad(o.sum() + sum(x.sum() for x in w), (q, k, v, lr))
+        outs.append((o, *w, *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    plain, _ = deep_memory(q, k, v, lr, None, None, weights, chunk_size=4)
+    assert (plain - outs[0][0]).abs().max() > 1e-3  # the safeguard is active at these settings
+
+
+def test_safeguards_bound_the_memory() -> None:
+    """A huge learning rate blows the memory up without safeguards; with them the weights stay capped."""
+    spec = {"name": "titans_memory", "chunk_size": 4, "max_lr": 50.0, "forget": False}
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 24) * 5
+    norms = {}
+    for name, extra in (("plain", {}), ("safe", {"grad_clip": 1.0, "max_state_norm": 3.0})):
+        torch.manual_seed(0)
+        mem = build_mixer({**spec, **extra}, 24, _config())
+        for w in mem.memory_weights:
+            torch.nn.init.normal_(w, std=w.shape[1] ** -0.5)
+        q, k, v, gates, _ = mem.project(x, (None, None, None))
+        _, (w, _) = mem.write_read(q, k, v, gates, (list(mem.memory_weights), None), want_state=True)
+        mirror = retention_hook(mem.hooks["retention"], mem.hooks["retention_params"])
+        norms[name] = max(torch.linalg.vector_norm(mirror(t), dim=(-2, -1)).max().item() for t in w)
+    assert norms["safe"] <= 3.0 + 1e-5 < norms["plain"], norms

@@ -8,6 +8,10 @@ per head; ``θ_t = max_lr · σ(x W_θ)``, ``η_t = σ(x W_η)``, ``α_t = σ(x 
 The read goes through a gated RMSNorm and the output projection. ``num_persistent`` learned
 tokens are written into the memory before each sequence (persistent memory, §3.3).
 
+Stability safeguards (off by default): ``grad_clip`` clamps each token's error gradient, and
+``max_state_norm`` caps the norm of every memory weight matrix (kernel hooks ``l2_clip`` and
+``max_norm``; they run on the PyTorch path).
+
 Ablations (Titans Table 5): ``momentum: false``, ``forget: false`` (no weight decay),
 ``depth: 1, residual: false, memory_norm: false`` (linear memory), ``short_conv: false``,
 ``num_persistent: 0``.
@@ -25,6 +29,7 @@ from torch import nn
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory.mlp import ACTIVATIONS, memory_apply, weight_linear
+from memlm.kernels.deep_memory.objectives import retention_hook
 from memlm.layers.conv import ShortConvolution
 from memlm.layers.mixer import Mixer
 from memlm.layers.norm import GatedRMSNorm
@@ -52,6 +57,8 @@ class NeuralMemory(Mixer):
         short_conv: bool = True
         conv_size: int = 4
         num_persistent: int = 0  # learned tokens written into the memory before each sequence
+        grad_clip: float | None = None  # safeguard: clamp each token's ‖∂ℓ/∂M(k)‖ (bias "l2_clip")
+        max_state_norm: float | None = None  # safeguard: cap each weight matrix's norm (retention "max_norm")
         backend: str = "auto"  # kernel backend: auto | naive | torch | triton
 
         def validate(self) -> None:
@@ -64,12 +71,21 @@ class NeuralMemory(Mixer):
                 raise ValueError(f"max_lr must be > 0, got {self.max_lr}")
             if self.num_persistent < 0:
                 raise ValueError(f"num_persistent must be >= 0, got {self.num_persistent}")
+            for name in ("grad_clip", "max_state_norm"):
+                if getattr(self, name) is not None and getattr(self, name) <= 0:
+                    raise ValueError(f"{name} must be > 0 or null, got {getattr(self, name)}")
             if self.backend not in ("auto", "naive", "torch", "triton"):
                 raise ValueError(f"backend must be one of ['auto', 'naive', 'torch', 'triton'], got {self.backend!r}")
 
     def __init__(self, hidden_size: int, config: Any, opts: Options) -> None:
         super().__init__()
         self.opts = opts
+        self.hooks = {
+            "bias": "l2" if opts.grad_clip is None else "l2_clip",
+            "bias_params": None if opts.grad_clip is None else {"max_norm": opts.grad_clip},
+            "retention": "none" if opts.max_state_norm is None else "max_norm",
+            "retention_params": None if opts.max_state_norm is None else {"c": opts.max_state_norm},
+        }
         self.num_heads = opts.num_heads or config.num_heads
         if opts.head_dim is None and hidden_size % self.num_heads:
             raise ValueError(f"titans_memory: hidden_size={hidden_size} is not divisible by num_heads={self.num_heads}")
@@ -161,13 +177,15 @@ class NeuralMemory(Mixer):
         return deep_memory(
             q, k, v, lr, eta, alpha, weights, chunk_size=self.opts.chunk_size, residual=self.opts.residual,
             norm=self.opts.memory_norm, activation=self.opts.activation, initial_momentum=momentum,
-            output_final_state=want_state, cu_seqlens=cu_seqlens, backend=self.opts.backend,
+            output_final_state=want_state, cu_seqlens=cu_seqlens, backend=self.opts.backend, **self.hooks,
         )
 
     def read(self, q: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-        """``M_W(q)`` without writing (``q`` ``[B, T, H, d]``, ``W`` shared or per batch)."""
+        """``M_W(q)`` without writing (``q`` ``[B, T, H, d]``, state ``W`` shared or per batch; read
+        through the retention map like the kernel)."""
         qh = q.transpose(1, 2)  # [B, H, T, d]
-        out, _ = memory_apply(qh, weight_linear([w.to(q.dtype) for w in weights]), len(weights),
+        mirror = retention_hook(self.hooks["retention"], self.hooks["retention_params"])
+        out, _ = memory_apply(qh, weight_linear([mirror(w.to(q.dtype)) for w in weights]), len(weights),
                               activation=self.opts.activation, residual=self.opts.residual,
                               norm=self.opts.memory_norm)
         return out.transpose(1, 2)

@@ -328,9 +328,9 @@ def _negative_weights(x):
 
 ONES = torch.ones(2, 11, 2, dtype=F64)
 BAD = {
-    "unknown bias": ("lp", dict(bias="l3"), None, r"bias='l3' is not one of \('l2', 'lp', 'huber', 'dot'\)"),
+    "unknown bias": ("lp", dict(bias="l3"), None, r"bias='l3' is not one of \('l2', 'lp', 'huber', 'dot', 'l2_clip'\)"),
     "unknown retention": ("lp", dict(retention="l2"), None,
-                          r"retention='l2' is not one of \('none', 'lq_norm', 'softmax'\)"),
+                          r"retention='l2' is not one of \('none', 'lq_norm', 'softmax', 'max_norm'\)"),
     "unknown bias parameter": ("lp", dict(bias_params={"q": 3.0}), None,
                                r"bias_params key 'q' is not a parameter of bias='lp'; allowed: \('p', 'nu'"),
     "parameter of a bias without any": ("dot", dict(bias_params={"p": 3.0}), None,

@@ -37,6 +37,14 @@ def l2_bias(e: torch.Tensor) -> torch.Tensor:
     return 2 * e
 
 
+def clipped_l2_bias(e: torch.Tensor, *, max_norm: float = 1.0) -> torch.Tensor:
+    """ℓ2 bias with its output gradient clamped per token (a Titans stability safeguard, ours):
+    ``ψ(e) = 2e · min(1, max_norm / ‖2e‖₂)``, so one token's surprise never exceeds ``max_norm``."""
+    grad = 2 * e
+    norm = torch.linalg.vector_norm(grad, dim=-1, keepdim=True)
+    return grad * (max_norm / norm.clamp_min(max_norm)).clamp(max=1.0)
+
+
 def lp_bias(e: torch.Tensor, *, p: float = 3.0, nu: float = 10.0, eps: float = 1e-6) -> torch.Tensor:
     """Moneta's ℓp bias ``ℓ = ‖M(k) − v‖_p^p`` (Miras §3): ψ(e) = p·Sign(e) ⊙ |e|^{p−1}, with the
     paper's smooth surrogates ``Sign(e) ≈ tanh(ν e)`` and ``|e| ≈ sqrt(e² + ε)``:
@@ -73,6 +81,13 @@ def lq_norm_retention(a: torch.Tensor, *, q: float = 4.0) -> torch.Tensor:
     return a / norm.clamp_min(torch.finfo(a.dtype).eps) ** (q - 2)
 
 
+def max_norm_retention(a: torch.Tensor, *, c: float = 10.0) -> torch.Tensor:
+    """Weights capped in Frobenius norm per layer and head (a Titans stability safeguard, ours):
+    ``W = A · min(1, c / ‖A‖_F)``; the identity while the memory stays inside the ball."""
+    norm = torch.linalg.vector_norm(a, dim=(-2, -1), keepdim=True)
+    return a * (c / norm.clamp_min(c))
+
+
 def softmax_retention(a: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
     """Memora's KL retention on a scaled simplex (Miras §3–5): ``W = c · Softmax(A)`` per slice, the
     slice being each output unit's incoming weights (the ``d_in`` axis of ``[d_in, d_out]``). With
@@ -81,11 +96,13 @@ def softmax_retention(a: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
     return c * torch.softmax(a, dim=-2)
 
 
-BIASES: dict[str, Bias] = {"l2": l2_bias, "lp": lp_bias, "huber": huber_bias, "dot": dot_bias}
+BIASES: dict[str, Bias] = {"l2": l2_bias, "lp": lp_bias, "huber": huber_bias, "dot": dot_bias,
+                           "l2_clip": clipped_l2_bias}
 RETENTIONS: dict[str, Retention] = {
     "none": no_retention,
     "lq_norm": lq_norm_retention,
     "softmax": softmax_retention,
+    "max_norm": max_norm_retention,
 }
 
 # Retentions whose state is exchanged with the caller as the weights ``W = R(A)`` (initial
@@ -97,6 +114,8 @@ LOWER_BOUNDS: dict[str, dict[str, tuple[float, bool]]] = {
     "lp": {"p": (1.0, True), "nu": (0.0, False), "eps": (0.0, False)},
     "lq_norm": {"q": (2.0, True)},
     "softmax": {"c": (0.0, False)},
+    "l2_clip": {"max_norm": (0.0, False)},
+    "max_norm": {"c": (0.0, False)},
 }
 
 
