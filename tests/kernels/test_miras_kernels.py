@@ -238,8 +238,9 @@ def test_huber_limits():
     l2 = run(deep_memory, {n: t for n, t in x.items() if n != "delta"}, "dot", chunk_size=4, bias="l2")
     x["delta"] = torch.full_like(x["delta"], 1e6)
     wide = run(deep_memory, x, "huber", chunk_size=4)
+    # huber runs the autograd loop, l2 the hand-written backward: equal up to float64 rounding
     for a, b in zip([wide[0], *wide[1], *wide[2]], [l2[0], *l2[1], *l2[2]]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     zero = torch.zeros_like(x["delta"])
     o, (W, _) = deep_memory(x["q"], x["k"], x["v"], x["lr"], None, None, x["weights"], bias="huber",
                             delta=zero, chunk_size=4, output_final_state=True)  # fmt: skip

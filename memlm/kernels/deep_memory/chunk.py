@@ -9,8 +9,9 @@ through ``W_t`` without materialising it, layer by layer,
 
 and carry the state ``A`` from the chunk's last row. With a retention map ``R`` other than the
 identity, the chunk's last token is read through the exact ``R(A_end)`` instead (the semantics of
-``naive``). Batched over sequences and heads; the only Python loop is over chunks. Autograd
-provides the backward.
+``naive``). Batched over sequences and heads; the only Python loop is over chunks. For the Titans
+memory (ℓ2 bias, identity retention) the loop is :class:`.chunk_function.DualFormChunks` with a
+hand-written backward; for the other Miras hooks autograd differentiates the loop below.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .chunk_function import SECOND_DERIVATIVES, DualFormChunks
 from .coefficients import ChunkCoefficients, chunk_coefficients
 from .mlp import memory_apply, memory_backward, weight_linear
-from .objectives import Bias, bias_hook, dual_state, exchanged_state, retention_hook
+from .objectives import Bias, Retention, bias_hook, dual_state, exchanged_state, retention_hook
 from .state import gates_or_defaults, initial_state
 
 State = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -44,16 +46,20 @@ def _pack(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Te
     return y.permute(0, 3, 1, 2, *range(4, y.dim()))
 
 
-def _end_rows(coef: ChunkCoefficients, last: torch.Tensor) -> ChunkCoefficients:
-    """The coefficients of the row that closes each chunk (``last: [N, n_chunks]``)."""
+def _end_rows(coef: ChunkCoefficients, last: torch.Tensor, live: torch.Tensor) -> ChunkCoefficients:
+    """The coefficients of the row that closes each chunk (``last: [N, n_chunks]``); a chunk past
+    its sequence's end (``live`` False) gets the identity update ``β = m = 1``, ``d = G = n = 0``."""
     row = last[:, None, :, None].expand(*coef.beta.shape[:-1], 1)
     mat = row.unsqueeze(-1).expand(*coef.G.shape[:-2], 1, coef.G.shape[-1])
+    keep, one = live[:, None], torch.ones((), dtype=coef.beta.dtype, device=coef.beta.device)
+    vec = {name: getattr(coef, name).gather(-1, row).squeeze(-1) for name in ("beta", "d", "m")}
+    mats = {name: getattr(coef, name).gather(-2, mat).squeeze(-2) for name in ("G", "n")}
     return ChunkCoefficients(
-        beta=coef.beta.gather(-1, row).squeeze(-1),
-        d=coef.d.gather(-1, row).squeeze(-1),
-        G=coef.G.gather(-2, mat).squeeze(-2),
-        m=coef.m.gather(-1, row).squeeze(-1),
-        n=coef.n.gather(-2, mat).squeeze(-2),
+        beta=torch.where(keep, vec["beta"], one),
+        d=vec["d"] * keep,
+        G=mats["G"] * keep[..., None],
+        m=torch.where(keep, vec["m"], one),
+        n=mats["n"] * keep[..., None],
     )
 
 
@@ -98,6 +104,50 @@ def _exact_end_read(
     return torch.where(torch.arange(q.shape[-2], device=q.device)[:, None] == row, o_end, out)
 
 
+def hand_written_backward(bias: str, retention: str, activation: str) -> bool:
+    """Whether :class:`DualFormChunks` (ℓ2 bias, identity retention) serves this configuration."""
+    return (bias, retention) == ("l2", "none") and activation in SECOND_DERIVATIVES
+
+
+def _autograd_chunks(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    deltas: Sequence[torch.Tensor | None],
+    coef: ChunkCoefficients,
+    end: ChunkCoefficients,
+    last: torch.Tensor,
+    A: list[torch.Tensor],
+    S: list[torch.Tensor],
+    psi: Bias,
+    mirror: Retention,
+    exact_ends: bool,
+    mlp: dict,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The chunk loop for any bias and retention, differentiated by autograd: outputs
+    ``[N, H, n_chunks, b, D]`` and the final dual state ``A`` and momentum ``S``. With ``exact_ends``
+    (a retention map other than the identity) each chunk's last row is read through ``R(A_end)``."""
+    W = [mirror(a) for a in A]
+    # unbind once: indexing chunk c of a tensor that requires grad costs a full-size backward each time
+    per_chunk = (
+        *(Q, K, V, coef.beta[..., None], coef.d[..., None], coef.G),
+        *(end.beta[..., None, None], end.d[..., None, None], end.m[..., None, None]),
+        *(end.G[..., None], end.n[..., None]),
+    )
+    lasts = last.unbind(1)
+    outputs = []
+    for c, (Qc, Kc, Vc, beta, d, G, beta_e, d_e, m_e, G_e, n_e) in enumerate(
+        zip(*(x.unbind(2) for x in per_chunk))
+    ):
+        X, err = _gradient_factors(Kc, Vc, deltas[c], W, psi, mlp)
+        out = _dual_read(Qc, W, S, X, err, beta, d, G, mlp)
+        A = [beta_e * a + d_e * s - x.mT @ (G_e * dl) for a, s, x, dl in zip(A, S, X, err)]
+        S = [m_e * s - x.mT @ (n_e * dl) for s, x, dl in zip(S, X, err)]
+        W = [mirror(a) for a in A]
+        outputs.append(_exact_end_read(out, Qc, W, lasts[c], mlp) if exact_ends else out)
+    return torch.stack(outputs, dim=2), A, S
+
+
 def deep_memory_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,36 +190,22 @@ def deep_memory_chunk(
     coef = ChunkCoefficients(*(c.to(q.dtype) for c in chunk_coefficients(*gates)))
     chunk_start = torch.arange(n_chunks, device=q.device) * b
     last = (length[:, None] - 1 - chunk_start).clamp(0, b - 1)  # [N, n_chunks]: row closing each chunk
-    end = _end_rows(coef, last)
+    end = _end_rows(coef, last, chunk_start < length[:, None])
     A, S = initial_state(weights, initial_momentum, N)
-    A = dual_state(retention, A)
-    W = [mirror(a) for a in A]
-    exact_ends = retention != "none"
-
     mlp = dict(depth=depth, activation=activation, residual=residual, norm=norm)
-    # unbind once: indexing chunk c of a tensor that requires grad costs a full-size backward each time
-    per_chunk = (
-        *(Q, K, V, coef.beta[..., None], coef.d[..., None], coef.G),
-        *(end.beta[..., None, None], end.d[..., None, None], end.m[..., None, None]),
-        *(end.G[..., None], end.n[..., None]),
-    )
-    lasts = last.unbind(1)
-    outputs = []
-    for c, (Qc, Kc, Vc, beta, d, G, beta_e, d_e, m_e, G_e, n_e) in enumerate(
-        zip(*(x.unbind(2) for x in per_chunk))
-    ):
-        X, err = _gradient_factors(Kc, Vc, deltas[c], W, psi, mlp)
-        out = _dual_read(Qc, W, S, X, err, beta, d, G, mlp)
-        A_next = [beta_e * a + d_e * s - x.mT @ (G_e * dl) for a, s, x, dl in zip(A, S, X, err)]
-        S_next = [m_e * s - x.mT @ (n_e * dl) for s, x, dl in zip(S, X, err)]
-        if c * b >= min(lengths):  # some sequences ended in an earlier chunk: keep their state
-            live = (c * b < length)[:, None, None, None]
-            A_next = [torch.where(live, new, old) for new, old in zip(A_next, A)]
-            S_next = [torch.where(live, new, old) for new, old in zip(S_next, S)]
-        A, S = A_next, S_next
-        W = [mirror(a) for a in A]
-        outputs.append(_exact_end_read(out, Qc, W, lasts[c], mlp) if exact_ends else out)
+    if hand_written_backward(bias, retention, activation):
+        major = [x.movedim(2, 0).flatten(1, 2) for x in (Q, K, V, coef.beta, coef.d, coef.G)]
+        major += [x.movedim(2, 0).flatten(1, 2) for x in (end.beta, end.d, end.m, end.G, end.n)]
+        o, *state = DualFormChunks.apply(mlp, *major, *(t.flatten(0, 1) for t in (*A, *S)))
+        o = o.unflatten(1, (N, H)).movedim(0, 2)  # [N, H, n_chunks, b, D]
+        A, S = ([t.unflatten(0, (N, H)) for t in half] for half in (state[:depth], state[depth:]))
+    else:
+        A = dual_state(retention, A)
+        o, A, S = _autograd_chunks(
+            Q, K, V, deltas, coef, end, last, A, S, psi, mirror, retention != "none", mlp
+        )
+        A = exchanged_state(retention, mirror, A)
 
-    o = torch.stack(outputs, dim=2).permute(0, 2, 3, 1, 4).reshape(N, n_chunks * b, H, D)
+    o = o.permute(0, 2, 3, 1, 4).reshape(N, n_chunks * b, H, D)
     o = o[valid.view(N, -1)].view(B, T, H, D)
-    return o, ((exchanged_state(retention, mirror, A), S) if output_final_state else None)
+    return o, ((A, S) if output_final_state else None)
