@@ -42,6 +42,6 @@ def write_report(cfg: RunConfig, model: Any, tokenizer: Any, val_docs: list[str]
     if cfg.logging.probes:
         from memlm.eval.default_report import run_default_probes
 
-        lines += ["## Probes", "", run_default_probes(model, tokenizer, cfg.run_dir, val_docs), ""]
+        lines += [run_default_probes(model, tokenizer, cfg.run_dir, val_docs), ""]
     (cfg.run_dir / "report.md").write_text("\n".join(lines))
     (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,51 @@
+"""The probes ``make train`` appends to its run report: a short passkey and S-NIAH-1 grid sized
+for a tiny CPU model, and the held-out perplexity."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from memlm.eval.needle import min_context_length, token_counter
+from memlm.eval.needle_probe import needle_table, run_needle_probe
+from memlm.eval.perplexity import perplexity
+from memlm.eval.records import write_json
+
+CANDIDATE_LENGTHS = (128, 256, 512, 1024)
+NUM_LENGTHS = 2
+DEFAULT_DEPTHS = (0, 50, 100)
+DEFAULT_SAMPLES = 2
+PPL_CONTEXT = 256
+PPL_MAX_TOKENS = 16_384
+
+
+def _grid_lengths(model: Any, tokenizer: Any, task: str) -> list[int]:
+    """The ``NUM_LENGTHS`` shortest candidate lengths that hold the task's prompt and lie within
+    the model's position range (empty when none does)."""
+    limit = getattr(model.config, "max_position_embeddings", None) or max(CANDIDATE_LENGTHS)
+    need = min_context_length(task, token_counter(tokenizer)) + 16  # room for a little haystack
+    return [n for n in CANDIDATE_LENGTHS if need <= n <= limit][:NUM_LENGTHS]
+
+
+def run_default_probes(model: Any, tokenizer: Any, run_dir: pathlib.Path, val_texts: list[str]) -> str:
+    """Run the default probes, write their JSON/PNG under ``run_dir/probes`` and return the
+    markdown section for the run report."""
+    out = pathlib.Path(run_dir) / "probes"
+    lines = ["## Recall probes", ""]
+    for task in ("passkey", "s-niah-1"):
+        lengths = _grid_lengths(model, tokenizer, task)
+        if not lengths:
+            lines += [f"**{task}**: skipped, its prompt does not fit the model's "
+                      f"{model.config.max_position_embeddings} positions", ""]
+            continue
+        record = run_needle_probe(model, tokenizer, task, lengths, DEFAULT_DEPTHS, DEFAULT_SAMPLES,
+                                  out_dir=out, progress=False)
+        lines += [f"**{task}** (accuracy %, {DEFAULT_SAMPLES} samples per cell, greedy; "
+                  f"`{pathlib.Path(record['files']['png']).name}`)", "", needle_table(record), ""]
+    context = min(PPL_CONTEXT, getattr(model.config, "max_position_embeddings", None) or PPL_CONTEXT)
+    ppl = perplexity(model, tokenizer, val_texts, context_length=context, stride=context // 2,
+                     max_tokens=PPL_MAX_TOKENS, progress=False)
+    write_json(out / "perplexity.json", ppl)
+    lines += [f"**held-out perplexity**: {ppl['perplexity']:.3f} over {ppl['num_tokens_scored']} tokens "
+              f"(context {ppl['context_length']}, stride {ppl['stride']})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""Loading the model and tokenizer a probe runs on.
+
+``--model`` is a checkpoint folder, a Hugging Face hub id (any causal LM: memlm checkpoints,
+converted flash-linear-attention ones, plain transformers models) or a model config file
+(``.yaml``/``.json`` holding ``MemLMConfig`` fields, optionally under a ``model:`` key) which
+builds a randomly initialised memlm model, e.g. for MQAR or smoke tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto``/None is CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON mapping; the ``model`` sub-mapping when there is one."""
+    p = Path(path)
+    if p.suffix == ".json":
+        data = json.loads(p.read_text(encoding="utf-8"))
+    else:
+        import yaml
+
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"model config {p} must hold a mapping of MemLMConfig fields, "
+                         f"got {type(data).__name__}")
+    return dict(data.get("model", data))
+
+
+def load_model(spec: str | Path, device: str | None = "auto", dtype: str | torch.dtype = "float32",
+               config_defaults: dict[str, Any] | None = None) -> Any:
+    """A causal LM in eval mode on ``device`` (see module docstring for ``spec``);
+    ``config_defaults`` fill the fields a model config file leaves out (e.g. ``vocab_size``)."""
+    from transformers import AutoModelForCausalLM
+
+    from memlm.models import MemLMConfig, MemLMForCausalLM  # importing memlm registers it with Auto*
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    path = Path(spec)
+    if path.is_file() and path.suffix in _CONFIG_SUFFIXES and path.name != "config.json":
+        model = MemLMForCausalLM(MemLMConfig(**{**(config_defaults or {}), **read_config_file(path)}))
+        model = model.to(device=dev, dtype=dt)
+    else:
+        source = path.parent if path.name == "config.json" else spec
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dt).to(dev)
+    return model.eval()
+
+
+def load_tokenizer(spec: str | Path) -> Any:
+    """A tokenizer from a folder or hub id (``AutoTokenizer``), a ``tokenizer.json`` file, or a
+    SentencePiece ``.model`` file such as the Mistral v1 tokenizer of the released fla models
+    (loaded as a Llama tokenizer that prepends BOS, as those models expect)."""
+    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if path.is_file() and (path.suffix == ".model" or path.name.startswith("tokenizer.model")):
+        # transformers reads a bare SentencePiece model only as ``tokenizer.model`` inside a folder
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(path, Path(tmp) / "tokenizer.model")
+            return LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, legacy=False)
+    return AutoTokenizer.from_pretrained(str(spec))

@@ -1,0 +1,122 @@
+"""The S-NIAH / passkey grid: context lengths × needle depths × samples, greedy decoding,
+an accuracy table, a JSON record and a length × depth heatmap (prompts: ``memlm.eval.needle``)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from memlm.eval.generation import greedy_generate, model_device
+from memlm.eval.haystack import prose_sentences, stdlib_prose
+from memlm.eval.needle import DEFAULT_MAX_NEW_TOKENS, build_sample, check_task, token_counter
+from memlm.eval.plots import plot_length_depth
+from memlm.eval.records import environment, markdown_table, pct, write_json
+from memlm.eval.scoring import contains_answer, passkey_correct
+
+
+def _check_grid(context_lengths: Sequence[int], depths: Sequence[float], num_samples: int) -> None:
+    if not context_lengths or any(not isinstance(n, int) or n < 1 for n in context_lengths):
+        raise ValueError(f"context_lengths must be a non-empty list of positive integers, "
+                         f"got {context_lengths!r}")
+    if not depths or any(not 0 <= d <= 100 for d in depths):
+        raise ValueError(f"depths must be a non-empty list of percentages in [0, 100], got {depths!r}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+
+def run_needle_probe(
+    model: Any,
+    tokenizer: Any,
+    task: str,
+    context_lengths: Sequence[int],
+    depths: Sequence[float] = (0, 25, 50, 75, 100),
+    num_samples: int = 5,
+    haystack_texts: list[str] | None = None,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    name: str | None = None,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``task`` (``s-niah-1|2|3`` or ``passkey``) over the grid; returns the record and, when
+    ``out_dir`` is given, writes ``{name}.json`` and ``{name}.png`` there.
+
+    ``haystack_texts`` feed the prose haystack of S-NIAH-2/3 (default: standard-library docstrings).
+    Sample ``i`` of cell ``(length, depth)`` is seeded by ``(seed, task, length, depth, i)``;
+    ``meta`` (e.g. the model and tokenizer names) is stored in the record.
+    """
+    check_task(task)
+    _check_grid(context_lengths, depths, num_samples)
+    new_tokens = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[task]
+    prose = None
+    if task in ("s-niah-2", "s-niah-3"):
+        # ~8 characters per token is a generous upper bound for English BPE vocabularies
+        prose = prose_sentences(haystack_texts) if haystack_texts is not None else list(
+            stdlib_prose(min_chars=max(100_000, 8 * max(context_lengths))))
+    count = token_counter(tokenizer)
+    was_training = model.training
+    model.eval()
+    samples: list[dict[str, Any]] = []
+    acc = [[0.0] * len(depths) for _ in context_lengths]
+    total_hits = done = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(context_lengths) * len(depths) * num_samples, desc=task, disable=not progress)
+    for i, length in enumerate(context_lengths):
+        for j, depth in enumerate(depths):
+            hits = 0
+            for k in range(num_samples):
+                rng = random.Random(f"{seed}/{task}/{length}/{depth}/{k}")
+                sample = build_sample(task, count, length, depth, rng, prose, new_tokens)
+                output = greedy_generate(model, tokenizer, sample.prompt, new_tokens)
+                ok = (passkey_correct(output, int(sample.answer)) if task == "passkey"
+                      else contains_answer(output, sample.answer))
+                hits += ok
+                total_hits += ok
+                samples.append({"context_length": length, "depth": depth, "sample": k,
+                                "answer": sample.answer, "output": output, "correct": ok,
+                                "prompt_tokens": sample.num_prompt_tokens,
+                                "haystack_units": sample.haystack_units})
+                done += 1
+                bar.update(1)
+                bar.set_postfix(acc=pct(total_hits / done))
+            acc[i][j] = hits / num_samples
+    bar.close()
+    model.train(was_training)
+    record: dict[str, Any] = {
+        "task": task,
+        **(meta or {}),
+        "context_lengths": list(context_lengths),
+        "depths": list(depths),
+        "num_samples": num_samples,
+        "max_new_tokens": new_tokens,
+        "seed": seed,
+        "haystack": ("noise" if prose is None
+                     else "texts" if haystack_texts is not None else "stdlib-docstrings"),
+        "accuracy": acc,
+        "mean_accuracy": sum(map(sum, acc)) / (len(context_lengths) * len(depths)),
+        "accuracy_by_length": {str(n): sum(row) / len(row) for n, row in zip(context_lengths, acc)},
+        "time_s": time.perf_counter() - start,
+        "env": environment(model_device(model)),
+        "samples": samples,
+    }
+    if out_dir is not None:
+        stem = Path(out_dir) / (name or task)
+        record["files"] = {"json": f"{stem}.json", "png": f"{stem}.png"}
+        plot_length_depth(acc, context_lengths, depths, f"{stem.name}: mean {pct(record['mean_accuracy'])}%",
+                          record["files"]["png"])
+        write_json(record["files"]["json"], record)
+    return record
+
+
+def needle_table(record: dict[str, Any]) -> str:
+    """Markdown accuracy table (%) of a needle record: one row per context length."""
+    header = ["length"] + [f"{d:g}%" for d in record["depths"]] + ["mean"]
+    rows = [[n] + [pct(v) for v in row] + [pct(sum(row) / len(row))]
+            for n, row in zip(record["context_lengths"], record["accuracy"])]
+    return markdown_table(header, rows)

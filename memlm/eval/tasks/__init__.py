@@ -1,0 +1,1 @@
+"""lm-evaluation-harness task configs: memlm's task groups and the Based / JRT recall tasks."""
