@@ -3,9 +3,9 @@
 Examples::
 
     memlm probe mqar --config configs/probes/mqar_cpu.yaml epochs=2
-    memlm probe passkey --model runs/tiny/export --lengths 256,512 --depths 0,50,100 --samples 4
+    memlm probe passkey --model runs/tiny/hf --lengths 256,512 --depths 0,50,100 --samples 4
     memlm probe s-niah-2 --model fla-hub/gla-340M-15B --tokenizer tokenizer.model.v1 --haystack essays.txt
-    memlm probe perplexity --model runs/tiny/export --files held_out.txt --context-length 512 --stride 256
+    memlm probe perplexity --model runs/tiny/hf --files held_out.txt --context-length 512 --stride 256
 
 Each run writes a JSON record and a PNG under ``--out`` (MQAR also a markdown table) and prints
 its table.
