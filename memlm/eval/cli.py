@@ -112,7 +112,14 @@ def _load(args: argparse.Namespace) -> tuple[object, object]:
 
     if args.tokenizer is None and Path(args.model).suffix in (".yaml", ".yml"):
         raise ValueError(f"--model {args.model} is a config (random weights, no tokenizer): pass --tokenizer")
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    source = args.tokenizer or args.model
+    try:
+        tokenizer = load_tokenizer(source)
+    except OSError as err:
+        kind = "--tokenizer" if args.tokenizer else "--model"
+        missing = not Path(source).exists()
+        where = "a local path that does not exist, nor a reachable hub id" if missing else "unreadable"
+        raise ValueError(f"{kind} {source!r} is {where}: {str(err).splitlines()[0]}") from None
     model = load_model(args.model, args.device, args.dtype, config_defaults={"vocab_size": len(tokenizer)})
     return model, tokenizer
 

@@ -65,7 +65,12 @@ def load_model(spec: str | Path, device: str | None = "auto", dtype: str | torch
         model = model.to(device=dev, dtype=dt)
     else:
         source = path.parent if path.name == "config.json" else spec
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dt).to(dev)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dt).to(dev)
+        except OSError as err:
+            missing = not path.exists()
+            where = "a local path that does not exist, nor a reachable hub id" if missing else "not loadable"
+            raise ValueError(f"--model {str(spec)!r} is {where}: {str(err).splitlines()[0]}") from None
     return model.eval()
 
 

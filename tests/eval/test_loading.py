@@ -48,3 +48,19 @@ def test_plain_transformers_checkpoint(tmp_path, llama_model):
     x = torch.randint(0, llama_model.config.vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.allclose(model(x).logits, llama_model(x).logits)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path) -> None:
+    import pytest
+
+    from memlm.eval.loading import load_model
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(str(tmp_path / "runs" / "nope" / "hf"), device="cpu")
+
+
+def test_probe_cli_reports_a_missing_model_path(tmp_path, capsys) -> None:
+    from memlm.eval.cli import main
+
+    assert main(["passkey", "--model", str(tmp_path / "nope"), "--lengths", "128"]) == 2
+    assert "does not exist" in capsys.readouterr().err
