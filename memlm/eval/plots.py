@@ -55,7 +55,7 @@ def plot_accuracy_vs_state(points: Sequence[dict[str, Any]], settings: Sequence[
         ax.set_title(setting, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
