@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import memory_fn
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory.objectives import retention_hook
@@ -23,12 +23,6 @@ from memlm.train.trainer import train
 
 def _config(**kw) -> MemLMConfig:
     return MemLMConfig(vocab_size=50, hidden_size=24, num_hidden_layers=1, num_heads=2, **kw)
-
-
-def _memory_fn(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """M(x) = x + LN(W_2 GELU(W_1 x)) written out (row vectors, per head batched)."""
-    h = F.gelu(x @ weights[0]) @ weights[1]
-    return x + F.layer_norm(h, h.shape[-1:], eps=1e-5)
 
 
 def test_chunk_size_one_is_online_gradient_descent_with_momentum_and_decay() -> None:
@@ -50,12 +44,12 @@ def test_chunk_size_one_is_online_gradient_descent_with_momentum_and_decay() -> 
     for t in range(T):
         Wg = [w.clone().requires_grad_(True) for w in W]
         kt, vt = k[:, t].unsqueeze(2), v[:, t].unsqueeze(2)  # [B, H, 1, d]
-        loss = (_memory_fn(kt, Wg) - vt).pow(2).sum()  # sum over (b, h): separate memories
+        loss = (memory_fn(kt, Wg, True, True) - vt).pow(2).sum()  # sum over (b, h): separate memories
         grads = torch.autograd.grad(loss, Wg)
         th, et, al = (g[:, t, :, None, None] for g in (lr, eta, alpha))
         S = [et * s - th * g for s, g in zip(S, grads)]
         W = [(1 - al) * w + s for w, s in zip(W, S)]
-        expected.append(_memory_fn(q[:, t].unsqueeze(2), W).squeeze(2))
+        expected.append(memory_fn(q[:, t].unsqueeze(2), W, True, True).squeeze(2))
     torch.testing.assert_close(o, torch.stack(expected, dim=1).detach(), rtol=1e-10, atol=1e-10)
 
 

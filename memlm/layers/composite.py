@@ -1,11 +1,12 @@
-"""Options of mixers built from two sub-mixers (a memory and an attention), validated at config time."""
+"""Mixers built from two sub-mixers (a memory and an attention), validated at config time."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from memlm.layers.registry import parse_spec
+from memlm.layers.mixer import Mixer
+from memlm.layers.registry import build_mixer, parse_spec
 
 
 @dataclass
@@ -16,3 +17,17 @@ class MemoryAttentionOptions:
     def validate(self) -> None:
         parse_spec(self.memory, where="memory")
         parse_spec(self.attention, where="attention")
+
+
+class MemoryAttentionMixer(Mixer):
+    """Owns ``self.memory`` and ``self.attention`` built from the options; state = (memory, attention)."""
+
+    Options = MemoryAttentionOptions
+
+    def __init__(self, hidden_size: int, config: Any, opts: MemoryAttentionOptions) -> None:
+        super().__init__()
+        self.memory = build_mixer(opts.memory, hidden_size, config, where=f"{self.mixer_name}.memory")
+        self.attention = build_mixer(opts.attention, hidden_size, config, where=f"{self.mixer_name}.attention")
+
+    def state_size(self, seq_len: int) -> int:
+        return self.memory.state_size(seq_len) + self.attention.state_size(seq_len)

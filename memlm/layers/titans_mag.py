@@ -8,24 +8,16 @@ from typing import Any
 
 import torch
 
-from memlm.layers.composite import MemoryAttentionOptions
-from memlm.layers.mixer import Mixer
+from memlm.layers.composite import MemoryAttentionMixer, MemoryAttentionOptions
 from memlm.layers.norm import NormalizedSigmoidGate
-from memlm.layers.registry import build_mixer, register_mixer
+from memlm.layers.registry import register_mixer
 
 
 @register_mixer("titans_mag")
-class MemoryAsGate(Mixer):
-    Options = MemoryAttentionOptions
-
+class MemoryAsGate(MemoryAttentionMixer):
     def __init__(self, hidden_size: int, config: Any, opts: MemoryAttentionOptions) -> None:
-        super().__init__()
-        self.memory = build_mixer(opts.memory, hidden_size, config, where="titans_mag.memory")
-        self.attention = build_mixer(opts.attention, hidden_size, config, where="titans_mag.attention")
+        super().__init__(hidden_size, config, opts)
         self.gate = NormalizedSigmoidGate(hidden_size, eps=config.norm_eps)
-
-    def state_size(self, seq_len: int) -> int:
-        return self.memory.state_size(seq_len) + self.attention.state_size(seq_len)
 
     def forward(
         self, x: torch.Tensor, state: Any | None = None, use_cache: bool = False, cu_seqlens: torch.Tensor | None = None

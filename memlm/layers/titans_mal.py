@@ -7,23 +7,12 @@ from typing import Any
 
 import torch
 
-from memlm.layers.composite import MemoryAttentionOptions
-from memlm.layers.mixer import Mixer
-from memlm.layers.registry import build_mixer, register_mixer
+from memlm.layers.composite import MemoryAttentionMixer
+from memlm.layers.registry import register_mixer
 
 
 @register_mixer("titans_mal")
-class MemoryAsLayer(Mixer):
-    Options = MemoryAttentionOptions
-
-    def __init__(self, hidden_size: int, config: Any, opts: MemoryAttentionOptions) -> None:
-        super().__init__()
-        self.memory = build_mixer(opts.memory, hidden_size, config, where="titans_mal.memory")
-        self.attention = build_mixer(opts.attention, hidden_size, config, where="titans_mal.attention")
-
-    def state_size(self, seq_len: int) -> int:
-        return self.memory.state_size(seq_len) + self.attention.state_size(seq_len)
-
+class MemoryAsLayer(MemoryAttentionMixer):
     def forward(
         self, x: torch.Tensor, state: Any | None = None, use_cache: bool = False, cu_seqlens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Any | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import memory_fn
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory import BIASES, RETENTIONS, deep_memory_chunk, deep_memory_naive
@@ -61,18 +62,6 @@ def assert_same(x, op_a, op_b, tol, **kw):
     gb = torch.autograd.grad(flat_b, leaves(x), cot)
     for a, b in zip(ga, gb):
         assert rel(a, b) < tol
-
-
-def memory_fn(x, weights, residual, norm):
-    """M(x) written independently of memlm: GELU between layers, affine-free LN, residual."""
-    h = x
-    for i, w in enumerate(weights):
-        h = h @ w
-        if i < len(weights) - 1:
-            h = F.gelu(h)
-    if norm:
-        h = F.layer_norm(h, h.shape[-1:])
-    return x + h if residual else h
 
 
 @pytest.mark.parametrize("cfg", [LINEAR, TITANS], ids=["L1", "L2"])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import memory_fn
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
@@ -134,18 +134,6 @@ def test_state_continuation(variant, backend):
     assert rel(torch.cat([o1, o2], 1), o) < 1e-12
     for a, b in zip(W2 + S2, W + S):
         assert rel(a, b) < 1e-12
-
-
-def memory_fn(x, weights, residual, norm):
-    """M(x) written independently of memlm: GELU between layers, affine-free LN, residual."""
-    h = x
-    for i, w in enumerate(weights):
-        h = h @ w
-        if i < len(weights) - 1:
-            h = F.gelu(h)
-    if norm:
-        h = F.layer_norm(h, h.shape[-1:])
-    return x + h if residual else h
 
 
 def stated_loss(variant, y, v, delta):
