@@ -2,8 +2,10 @@
 
 dim 256, 4 heads (head dim 64), memory MLP depth 2 expansion 4 (residual + LayerNorm in both),
 chunk 16, batch 1; forward + backward of ``output.sum()``; the two run alternately in one
-process and the median of ``--repeats`` runs is reported. titans-pytorch (PyPI) is installed
-beside memlm for this script only (``pip install -c constraints-cpu.txt -e '.[bench]'``).
+process and the median of ``--repeats`` runs is reported. On CPU the process CPU time is reported
+beside the wall-clock time: on a shared machine it does not count the time the process waits for a
+core. titans-pytorch (PyPI) is installed beside memlm for this script only
+(``pip install -c constraints-cpu.txt -e '.[bench]'``).
 
     python benchmarks/titans_vs_titans_pytorch.py [--lengths 1024 2048 4096] [--repeats 5]
 """
@@ -36,21 +38,26 @@ def ours(device: torch.device) -> torch.nn.Module:
 def theirs(device: torch.device) -> torch.nn.Module:
     from titans_pytorch import NeuralMemory
 
-    return NeuralMemory(dim=DIM, chunk_size=CHUNK, heads=HEADS, dim_head=DIM // HEADS,
-                        default_model_kwargs={"depth": DEPTH, "expansion_factor": float(EXPANSION)}).to(device)
+    return NeuralMemory(
+        dim=DIM,
+        chunk_size=CHUNK,
+        heads=HEADS,
+        dim_head=DIM // HEADS,
+        default_model_kwargs={"depth": DEPTH, "expansion_factor": float(EXPANSION)},
+    ).to(device)
 
 
-def step(module: torch.nn.Module, x: torch.Tensor) -> float:
-    """Seconds for one forward + backward."""
+def step(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds for one forward + backward."""
     if x.is_cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     out = module(x)
     out = out[0] if isinstance(out, tuple) else out
     out.float().sum().backward()
     if x.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def main() -> None:
@@ -65,11 +72,17 @@ def main() -> None:
     import titans_pytorch  # noqa: F401  (fail early with a clear ImportError)
 
     cpu = platform.processor() or platform.machine()
-    print(f"# Titans LMM mixer vs titans-pytorch NeuralMemory — {datetime.date.today()}, {args.device} ({cpu}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}, titans-pytorch {version('titans-pytorch')}")
-    print(f"dim {DIM}, heads {HEADS}, depth {DEPTH}, expansion {EXPANSION}, chunk {CHUNK}, B=1, fwd+bwd, "
-          f"median of {args.repeats}\n")
-    print("| T | memlm ms | titans-pytorch ms | speed-up |\n|---:|---:|---:|---:|")
+    print(
+        f"# Titans LMM mixer vs titans-pytorch NeuralMemory — {datetime.date.today()}, {args.device} ({cpu}, "
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}, titans-pytorch {version('titans-pytorch')}"
+    )
+    print(
+        f"dim {DIM}, heads {HEADS}, depth {DEPTH}, expansion {EXPANSION}, chunk {CHUNK}, B=1, fwd+bwd, "
+        f"median of {args.repeats}\n"
+    )
+    clocks = ["wall"] + (["CPU"] if device.type == "cpu" else [])
+    print("| T | " + " | ".join(f"memlm {c} ms | titans-pytorch {c} ms | speed-up ({c})" for c in clocks) + " |")
+    print("|---:|" + "---:|---:|---:|" * len(clocks))
     torch.manual_seed(0)
     a, b = ours(device), theirs(device)
     for length in args.lengths:
@@ -79,8 +92,11 @@ def main() -> None:
         for _ in range(args.repeats):
             times_a.append(step(a, x))
             times_b.append(step(b, x))
-        ta, tb = statistics.median(times_a) * 1e3, statistics.median(times_b) * 1e3
-        print(f"| {length} | {ta:.1f} | {tb:.1f} | {tb / ta:.2f}× |", flush=True)
+        cells = []
+        for clock in range(len(clocks)):
+            ta, tb = (statistics.median(t[clock] for t in times) * 1e3 for times in (times_a, times_b))
+            cells.append(f"{ta:.1f} | {tb:.1f} | {tb / ta:.2f}×")
+        print(f"| {length} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ def test_two_process_cpu_run(tmp_path: Path, tiny_overrides) -> None:
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "memlm.train",
            *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + "\n---\n" + "\n".join(
+        line for line in proc.stderr.splitlines() if "[rank1]" in line or "Error" in line)[-3000:]
     assert proc.stdout.count("done: 6 steps") == 1  # printed by the main process only
     rows = [r for r in read_jsonl(tmp_path / "t" / "metrics.jsonl") if "loss" in r]
     assert [r["tokens_seen"] for r in rows] == [2 * 4 * 64 * s for s in range(1, 7)]  # two processes' rows

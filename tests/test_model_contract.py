@@ -40,6 +40,14 @@ CASES: dict[str, dict] = {
                              "attention": {"name": "attention", "window_size": 5, "num_persistent": 2}}},
     "titans-mal": {"mixer": {"name": "titans_mal", "memory": {"name": "titans_memory", "chunk_size": 3},
                              "attention": {"name": "attention", "window_size": 4}}},
+    "titans-lmm-channel": {"mixer": {"name": "titans_memory", "chunk_size": 4, "gates": "channel", "gate_rank": 4}},
+    "moneta": {"mixer": {"name": "moneta", "chunk_size": 4, "gate_rank": 4}},
+    "yaad": {"mixer": {"name": "yaad", "chunk_size": 3, "gate_rank": 4}},
+    "memora": {"mixer": {"name": "memora", "chunk_size": 4, "gate_rank": 4, "num_persistent": 2}},
+    "moneta-h": {"ratio": "1:1", "mixer": {"name": "moneta", "chunk_size": 4, "gate_rank": 4},
+                 "ratio_mixer": {"name": "attention", "window_size": 4}},
+    "mac-yaad": {"mixer": {"name": "titans_mac", "segment_size": 6, "memory": {"name": "yaad", "chunk_size": 4},
+                           "attention": {"name": "attention", "num_persistent": 2}}},
 }
 
 

@@ -34,8 +34,8 @@ def test_chunk_size_one_is_online_gradient_descent_with_momentum_and_decay() -> 
     for w in mem.memory_weights:
         torch.nn.init.normal_(w, std=w.shape[1] ** -0.5)
     x = torch.randn(2, 7, 24, dtype=torch.float64)
-    q, k, v, (lr, eta, alpha), _ = mem.project(x, (None, None, None))
-    o, _ = mem.write_read(q, k, v, (lr, eta, alpha), (list(mem.memory_weights), None), want_state=False)
+    q, k, v, (lr, eta, alpha, _), _ = mem.project(x, (None, None, None))
+    o, _ = mem.write_read(q, k, v, (lr, eta, alpha, None), (list(mem.memory_weights), None), want_state=False)
 
     B, T, H, _ = q.shape
     W = [w.detach().expand(B, -1, -1, -1).clone() for w in mem.memory_weights]  # [B, H, d_in, d_out]

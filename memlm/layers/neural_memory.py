@@ -4,9 +4,14 @@ Per head, an MLP memory ``M(x) = x + LN(W_L φ(… W_1 x))`` (depth ``L_M``, exp
 written online: ``S_t = η_t S_{t−1} − θ_t ∇‖M_{t−1}(k_t) − v_t‖²``, ``M_t = (1 − α_t) M_{t−1} + S_t``
 (eqs. 13–14, chunked gradients: DESIGN.md §3), and read ``y_t = M_t(q_t)`` (eq. 15).
 ``q, k, v`` are linear projections with a depthwise causal conv and SiLU, ``q, k`` ℓ2-normalised
-per head; ``θ_t = max_lr · σ(x W_θ)``, ``η_t = σ(x W_η)``, ``α_t = σ(x W_α)`` per head and token.
-The read goes through a gated RMSNorm and the output projection. ``num_persistent`` learned
-tokens are written into the memory before each sequence (persistent memory, §3.3).
+per head; ``θ_t = max_lr · σ(x W_θ)``, ``η_t = σ(x W_η)``, ``α_t = σ(x W_α)`` per head and token, or
+channel-wise (``gates: channel``: one per memory output unit, from rank-``gate_rank`` projections).
+The values are RMS-normalised per head (``value_norm``, ours): the memory's output ``x + LN(·)``
+has unit-scale entries whatever the input, so values at the projections' initial scale (entries
+≈ 0.01) are targets the memory cannot fit; the inner error then stays at the size of the LayerNorm
+output, and the tiny LMM's training gradients spiked to 10³–10⁴. The read goes through a gated
+RMSNorm and the output projection. ``num_persistent`` learned tokens are written into the memory
+before each sequence (persistent memory, §3.3).
 
 Stability safeguards (off by default): ``grad_clip`` clamps each token's error gradient, and
 ``max_state_norm`` caps the norm of every memory weight matrix (kernel hooks ``l2_clip`` and
@@ -15,6 +20,13 @@ Stability safeguards (off by default): ``grad_clip`` clamps each token's error g
 Ablations (Titans Table 5): ``momentum: false``, ``forget: false`` (no weight decay),
 ``depth: 1, residual: false, memory_norm: false`` (linear memory), ``short_conv: false``,
 ``num_persistent: 0``.
+
+Miras (Behrouz et al. 2025, arXiv 2504.13173) choices are options of the same mixer: the attentional
+bias (``bias``: l2, lp, huber, dot; Huber's threshold ``δ_t = softplus(x W_δ)``, channel-wise with
+``gates: channel``), the retention (``retention``: none, lq_norm, softmax — with the per-token decay
+α_t when ``forget``), the learning algorithm (``momentum``: GD with or without momentum) and the
+memory structure (``depth``, ``expansion``; ``depth: 1`` is a matrix memory). ``moneta``, ``yaad`` and
+``memora`` (``layers/miras.py``) are presets of it.
 """
 
 from __future__ import annotations
@@ -29,14 +41,27 @@ from torch import nn
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory.mlp import ACTIVATIONS, memory_apply, weight_linear
-from memlm.kernels.deep_memory.objectives import retention_hook
+from memlm.kernels.deep_memory.objectives import (
+    BIASES,
+    RETENTIONS,
+    WEIGHT_STATE,
+    check_hook_parameters,
+    per_token_arguments,
+    retention_hook,
+)
 from memlm.layers.conv import ShortConvolution
+from memlm.layers.gates import GateProjection
 from memlm.layers.mixer import Mixer
 from memlm.layers.norm import GatedRMSNorm
 from memlm.layers.periodic import periodic_forward
 from memlm.layers.registry import register_mixer
 
-Gates = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+Gates = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]  # θ, η, α, δ
+# safeguard option: (kernel hook it sets, the plain choice it replaces, hook name, hook parameter)
+SAFEGUARDS = {
+    "grad_clip": ("bias", "l2", "l2_clip", "max_norm"),
+    "max_state_norm": ("retention", "none", "max_norm", "c"),
+}
 
 
 @register_mixer("titans_memory")
@@ -50,6 +75,7 @@ class NeuralMemory(Mixer):
         activation: str = "gelu"
         residual: bool = True  # M(x) = x + ...
         memory_norm: bool = True  # LayerNorm (no affine) on the MLP output
+        value_norm: bool = True  # RMS-normalise v per head: targets on the scale of the LayerNorm output
         chunk_size: int = 16  # b: tokens whose gradients share the chunk-start weights
         max_lr: float = 1.0  # θ_t = max_lr · σ(·)
         momentum: bool = True  # surprise momentum η_t (false: η = 0)
@@ -59,6 +85,12 @@ class NeuralMemory(Mixer):
         num_persistent: int = 0  # learned tokens written into the memory before each sequence
         grad_clip: float | None = None  # safeguard: clamp each token's ‖∂ℓ/∂M(k)‖ (bias "l2_clip")
         max_state_norm: float | None = None  # safeguard: cap each weight matrix's norm (retention "max_norm")
+        bias: str = "l2"  # attentional bias (Miras): l2 | lp | huber | dot
+        bias_params: dict | None = None  # e.g. {p: 3} for lp
+        retention: str = "none"  # retention map (Miras): none | lq_norm | softmax
+        retention_params: dict | None = None  # e.g. {q: 4} for lq_norm, {c: 1} for softmax
+        gates: str = "head"  # θ, η, α, δ: one per head ("head") or per memory output unit ("channel")
+        gate_rank: int = 32  # rank of the channel-wise gate projections
         backend: str = "auto"  # kernel backend: auto | naive | torch | triton
 
         def validate(self) -> None:
@@ -74,18 +106,42 @@ class NeuralMemory(Mixer):
             for name in ("grad_clip", "max_state_norm"):
                 if getattr(self, name) is not None and getattr(self, name) <= 0:
                     raise ValueError(f"{name} must be > 0 or null, got {getattr(self, name)}")
+            self._validate_miras()
             if self.backend not in ("auto", "naive", "torch", "triton"):
                 raise ValueError(f"backend must be one of ['auto', 'naive', 'torch', 'triton'], got {self.backend!r}")
+
+        def _validate_miras(self) -> None:
+            """Known choices with valid parameters, and no two options claiming the same kernel hook."""
+            choices = {"bias": (self.bias, BIASES), "retention": (self.retention, RETENTIONS)}
+            for kind, (name, table) in choices.items():
+                public = sorted(n for n in table if n not in ("l2_clip", "max_norm"))
+                if name not in public:
+                    raise ValueError(f"{kind} must be one of {public}, got {name!r}")
+                check_hook_parameters(kind, name, getattr(self, f"{kind}_params"))
+            for safeguard, (kind, plain, _, _) in SAFEGUARDS.items():
+                if getattr(self, safeguard) is not None and getattr(self, kind) != plain:
+                    raise ValueError(
+                        f"{safeguard} is the {kind} {SAFEGUARDS[safeguard][2]!r} and replaces {kind}={plain!r}; "
+                        f"it cannot be combined with {kind}={getattr(self, kind)!r} (set one of them)"
+                    )
+            if self.gates not in ("head", "channel"):
+                raise ValueError(f"gates must be one of ['channel', 'head'], got {self.gates!r}")
+            if self.gate_rank < 1:
+                raise ValueError(f"gate_rank must be >= 1, got {self.gate_rank}")
+
+        def hooks(self) -> dict[str, Any]:
+            """The kernel's (bias, retention) hooks and parameters these options select."""
+            hooks = {"bias": self.bias, "bias_params": self.bias_params,
+                     "retention": self.retention, "retention_params": self.retention_params}
+            for safeguard, (kind, _, name, param) in SAFEGUARDS.items():
+                if getattr(self, safeguard) is not None:
+                    hooks.update({kind: name, f"{kind}_params": {param: getattr(self, safeguard)}})
+            return hooks
 
     def __init__(self, hidden_size: int, config: Any, opts: Options) -> None:
         super().__init__()
         self.opts = opts
-        self.hooks = {
-            "bias": "l2" if opts.grad_clip is None else "l2_clip",
-            "bias_params": None if opts.grad_clip is None else {"max_norm": opts.grad_clip},
-            "retention": "none" if opts.max_state_norm is None else "max_norm",
-            "retention_params": None if opts.max_state_norm is None else {"c": opts.max_state_norm},
-        }
+        self.hooks = opts.hooks()
         self.num_heads = opts.num_heads or config.num_heads
         if opts.head_dim is None and hidden_size % self.num_heads:
             raise ValueError(f"titans_memory: hidden_size={hidden_size} is not divisible by num_heads={self.num_heads}")
@@ -98,10 +154,17 @@ class NeuralMemory(Mixer):
             self.q_conv1d = ShortConvolution(inner, opts.conv_size)
             self.k_conv1d = ShortConvolution(inner, opts.conv_size)
             self.v_conv1d = ShortConvolution(inner, opts.conv_size)
-        self.lr_proj = nn.Linear(hidden_size, self.num_heads)
-        self.momentum_proj = nn.Linear(hidden_size, self.num_heads) if opts.momentum else None
-        self.forget_proj = nn.Linear(hidden_size, self.num_heads) if opts.forget else None
         dims = [self.head_dim] + [opts.expansion * self.head_dim] * (opts.depth - 1) + [self.head_dim]
+        channel = opts.gates == "channel"
+
+        def gate(channels: int) -> GateProjection:
+            return GateProjection(hidden_size, self.num_heads, channels if channel else None, opts.gate_rank)
+
+        self.lr_proj = gate(sum(dims[1:]))
+        self.momentum_proj = gate(sum(dims[1:])) if opts.momentum else None
+        self.forget_proj = gate(sum(dims[1:])) if opts.forget else None
+        uses_delta = "delta" in per_token_arguments(BIASES[self.hooks["bias"]])
+        self.delta_proj = gate(self.head_dim) if uses_delta else None
         self.memory_weights = nn.ParameterList(
             nn.Parameter(torch.zeros(self.num_heads, a, b)) for a, b in zip(dims, dims[1:])
         )
@@ -112,14 +175,20 @@ class NeuralMemory(Mixer):
             self.persistent_tokens = nn.Parameter(torch.zeros(opts.num_persistent, hidden_size))
 
     def init_weights(self, init: Any, std: float) -> None:
-        """Memory MLP ~ N(0, 1/d_in); θ starts at max_lr/2, η ≈ 0.88, α ≈ 0.018."""
+        """Memory MLP ~ N(0, 1/d_in) (softmax logits ~ N(0, 1), so that the hidden units differ); θ starts
+        at max_lr/2, η ≈ 0.88, α ≈ 0.018; Huber's δ at about the size of a unit-variance error (√d for
+        the norm switch, 1 per channel)."""
+        simplex = self.hooks["retention"] in WEIGHT_STATE  # logits A of W = c·Softmax(A): spread them
         for w in self.memory_weights:
-            init.normal_(w, mean=0.0, std=1.0 / math.sqrt(w.shape[1]))
+            init.normal_(w, mean=0.0, std=1.0 if simplex else 1.0 / math.sqrt(w.shape[1]))
         init.zeros_(self.lr_proj.bias)
         if self.momentum_proj is not None:
             init.constant_(self.momentum_proj.bias, 2.0)
         if self.forget_proj is not None:
             init.constant_(self.forget_proj.bias, -4.0)
+        if self.delta_proj is not None:
+            target = 1.0 if self.opts.gates == "channel" else math.sqrt(self.head_dim)
+            init.constant_(self.delta_proj.bias, math.log(math.expm1(target)))  # softplus⁻¹(target)
         if self.opts.num_persistent:
             init.normal_(self.persistent_tokens, mean=0.0, std=std)
 
@@ -143,14 +212,19 @@ class NeuralMemory(Mixer):
     def project(
         self, x: torch.Tensor, convs: tuple[torch.Tensor | None, ...], cu_seqlens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Gates, tuple[torch.Tensor | None, ...]]:
-        """``q, k, v`` ``[B, T, H, d]`` (q, k ℓ2-normalised), gates ``(θ, η, α)`` ``[B, T, H]``, conv histories."""
+        """``q, k, v`` ``[B, T, H, d]`` (q, k ℓ2-normalised), gates ``(θ, η, α, δ)`` ``[B, T, H]`` (or
+        channel-wise ``[B, T, H, C]``, δ ``[B, T, H, d]``; absent ones None), conv histories."""
         q, cq = self.project_queries(x, convs[0], cu_seqlens)
         k, ck = self._conv("k", self.k_proj(x), convs[1], cu_seqlens)
         v, cv = self._conv("v", self.v_proj(x), convs[2], cu_seqlens)
+        v = self._heads(v)
+        if self.opts.value_norm:
+            v = F.rms_norm(v, (self.head_dim,), eps=1e-6)
         lr = self.opts.max_lr * torch.sigmoid(self.lr_proj(x))
         eta = torch.sigmoid(self.momentum_proj(x)) if self.momentum_proj is not None else None
         alpha = torch.sigmoid(self.forget_proj(x)) if self.forget_proj is not None else None
-        return q, F.normalize(self._heads(k), dim=-1), self._heads(v), (lr, eta, alpha), (cq, ck, cv)
+        delta = F.softplus(self.delta_proj(x)) if self.delta_proj is not None else None
+        return q, F.normalize(self._heads(k), dim=-1), v, (lr, eta, alpha, delta), (cq, ck, cv)
 
     def _conv(
         self, name: str, t: torch.Tensor, history: torch.Tensor | None, cu_seqlens: torch.Tensor | None
@@ -173,21 +247,24 @@ class NeuralMemory(Mixer):
         dtype = q.dtype
         weights = [w.to(dtype) for w in memory[0]]
         momentum = [s.to(dtype) for s in memory[1]] if memory[1] is not None else None
-        lr, eta, alpha = (g.to(dtype) if g is not None else None for g in gates)
+        lr, eta, alpha, delta = (g.to(dtype) if g is not None else None for g in gates)
         return deep_memory(
-            q, k, v, lr, eta, alpha, weights, chunk_size=self.opts.chunk_size, residual=self.opts.residual,
+            q, k, v, lr, eta, alpha, weights, delta=delta, chunk_size=self.opts.chunk_size, residual=self.opts.residual,
             norm=self.opts.memory_norm, activation=self.opts.activation, initial_momentum=momentum,
             output_final_state=want_state, cu_seqlens=cu_seqlens, backend=self.opts.backend, **self.hooks,
         )
 
     def read(self, q: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-        """``M_W(q)`` without writing (``q`` ``[B, T, H, d]``, state ``W`` shared or per batch; read
-        through the retention map like the kernel)."""
+        """``M_W(q)`` without writing (``q`` ``[B, T, H, d]``, the exchanged state shared or per batch; read
+        through the retention map like the kernel: ``R(A)``, or the weights themselves for retentions
+        whose state is exchanged as the weights)."""
         qh = q.transpose(1, 2)  # [B, H, T, d]
-        mirror = retention_hook(self.hooks["retention"], self.hooks["retention_params"])
-        out, _ = memory_apply(qh, weight_linear([mirror(w.to(q.dtype)) for w in weights]), len(weights),
-                              activation=self.opts.activation, residual=self.opts.residual,
-                              norm=self.opts.memory_norm)
+        retention = self.hooks["retention"]
+        weights = [w.to(q.dtype) for w in weights]
+        if retention not in WEIGHT_STATE:  # the state handed around is A, the memory computes with R(A)
+            weights = [retention_hook(retention, self.hooks["retention_params"])(w) for w in weights]
+        out, _ = memory_apply(qh, weight_linear(weights), len(weights), activation=self.opts.activation,
+                              residual=self.opts.residual, norm=self.opts.memory_norm)
         return out.transpose(1, 2)
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -196,8 +273,13 @@ class NeuralMemory(Mixer):
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
     def initial_memory(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """``(W, S)`` a fresh sequence starts from: the learned weights, after the persistent tokens."""
+        """``(W, S)`` a fresh sequence starts from: the learned weights, after the persistent tokens.
+        For retentions whose state is the weights (Memora's simplex) the parameters are ``A`` and the
+        weights ``R(A)``, so they stay on the simplex whatever the optimiser does."""
+        retention = self.hooks["retention"]
         weights = list(self.memory_weights)
+        if retention in WEIGHT_STATE:
+            weights = [retention_hook(retention, self.hooks["retention_params"])(w) for w in weights]
         if not self.opts.num_persistent:
             return weights, None
         p = self.persistent_tokens[None]

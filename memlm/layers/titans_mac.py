@@ -7,6 +7,10 @@ retrieve → attend → store, segment by segment:
 3. write ``y`` into the memory, ``M_s = M_{s−1}(y)`` (eq. 23), and read it back:
    ``o_t = y_t ⊗ M*_t(y_t)`` (eqs. 24–25; ⊗ = normalised sigmoid gate).
 
+The memory reads the attention output through an RMSNorm (the memory sub-layer's pre-norm, as the
+block input is for LMM): the attention output starts near zero, and the ℓ2-normalised keys of a
+near-zero input amplify the gradients by orders of magnitude (the tiny MAC diverged without it).
+
 Causality inside a segment: the attention sees ``h_j`` and ``x_j`` only for ``j ≤ t`` (``h_j`` is
 computed from token ``j``'s query), done by interleaving ``(h_1, x_1, h_2, x_2, …)`` under a
 plain causal mask; the memory reads ``M_t`` after token ``t``'s write, never the segment's end state.
@@ -18,11 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from memlm.layers.attention import Attention
 from memlm.layers.mixer import Mixer
+from memlm.layers.neural_memory import NeuralMemory
 from memlm.layers.norm import NormalizedSigmoidGate
 from memlm.layers.periodic import periodic_forward
-from memlm.layers.registry import build_mixer, parse_spec, register_mixer
+from memlm.layers.registry import MIXERS, build_mixer, parse_spec, register_mixer
 
 
 @register_mixer("titans_mac")
@@ -36,17 +43,18 @@ class MemoryAsContext(Mixer):
         def validate(self) -> None:
             if self.segment_size < 1:
                 raise ValueError(f"segment_size must be >= 1, got {self.segment_size}")
-            for role, name in (("memory", "titans_memory"), ("attention", "attention")):
-                spec = getattr(self, role)
-                parse_spec(spec, where=role)
-                if spec.get("name") != name:
-                    raise ValueError(f"{role} must be a {name!r} spec, got {spec.get('name')!r}")
+            for role, base in (("memory", NeuralMemory), ("attention", Attention)):
+                cls, _ = parse_spec(getattr(self, role), where=role)
+                if not issubclass(cls, base):
+                    allowed = sorted(name for name, c in MIXERS.items() if issubclass(c, base))
+                    raise ValueError(f"{role} must be one of the mixers {allowed}, got {cls.mixer_name!r}")
 
     def __init__(self, hidden_size: int, config: Any, opts: Options) -> None:
         super().__init__()
         self.segment_size = opts.segment_size
         self.memory = build_mixer(opts.memory, hidden_size, config, where="titans_mac.memory")
         self.attention = build_mixer(opts.attention, hidden_size, config, where="titans_mac.attention")
+        self.memory_norm = nn.RMSNorm(hidden_size, eps=config.norm_eps)
         self.gate = NormalizedSigmoidGate(hidden_size, eps=config.norm_eps)
 
     def state_size(self, seq_len: int) -> int:
@@ -65,9 +73,10 @@ class MemoryAsContext(Mixer):
             h = mem.output(mem.read(q, base["weights"]), seg)  # retrieve (eq. 21)
             context = torch.stack([h, seg], dim=2).flatten(1, 2)  # h_1, x_1, h_2, x_2, …
             y = self.attention(context)[0][:, 1::2]  # attend (eq. 22)
-            qy, ky, vy, gates, conv_y = mem.project(y, base["conv_y"])
+            y_in = self.memory_norm(y)
+            qy, ky, vy, gates, conv_y = mem.project(y_in, base["conv_y"])
             o, (weights, momentum) = mem.write_read(qy, ky, vy, gates, (base["weights"], base["momentum"]), True)
-            outputs.append(self.gate(y, mem.output(o, y)))  # store and read back (eqs. 23–25)
+            outputs.append(self.gate(y, mem.output(o, y_in)))  # store and read back (eqs. 23–25)
             base = {"conv_x": conv_x, "conv_y": conv_y, "weights": weights, "momentum": momentum}
         return torch.cat(outputs, dim=1), base
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import memory_fn
+from reference import memory_fn, online_gd
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory import BIASES, RETENTIONS, deep_memory_chunk, deep_memory_naive
@@ -122,22 +122,11 @@ def test_state_continuation(backend):
 def test_online_gd_matches_autograd_loop(cfg, backend):
     """chunk_size=1 is exact online GD: per token, u_t = ∇_W ‖M(k_t) − v_t‖² at the current W."""
     x = make_inputs(B=2, T=6, H=2, D=4, **cfg)
-    B, T, H, _ = x["q"].shape
     res, norm = cfg["residual"], cfg["norm"]
     o, W, S = run(deep_memory, x, chunk_size=1, residual=res, norm=norm, backend=backend)
-    ref = torch.zeros_like(o)
-    for b in range(B):
-        for h in range(H):
-            w = [t[h] for t in x["weights"]]
-            s = [t[h] for t in x["s0"]]
-            for t in range(T):
-                loss = (memory_fn(x["k"][b, t, h], w, res, norm) - x["v"][b, t, h]).pow(2).sum()
-                u = torch.autograd.grad(loss, w, create_graph=True)
-                s = [x["momentum"][b, t, h] * s_l - x["lr"][b, t, h] * u_l for s_l, u_l in zip(s, u)]
-                w = [(1 - x["forget"][b, t, h]) * w_l + s_l for w_l, s_l in zip(w, s)]
-                ref[b, t, h] = memory_fn(x["q"][b, t, h], w, res, norm)
-            for got, want in zip(W + S, w + s):
-                assert rel(got[b, h], want) < 1e-12
+    ref, ref_W, ref_S = online_gd(x, res, norm)
+    for got, want in zip(W + S, ref_W + ref_S, strict=True):
+        assert rel(got, want) < 1e-12
     assert rel(o, ref) < 1e-12
     cot = torch.randn_like(o)
     for a, b in zip(torch.autograd.grad(o, leaves(x), cot), torch.autograd.grad(ref, leaves(x), cot)):
@@ -249,10 +238,11 @@ BAD_INPUTS = {
     "v head dim": (_bad("v", lambda x: x["v"][..., :3]), r"v must have shape \[B, T, H, D\]"),
     "k dtype": (_bad("k", lambda x: x["k"].float()), r"k must have q's dtype and device"),
     "lr missing": (_bad("lr", None), r"lr \(the learning-rate gate θ\) is required"),
-    "lr shape": (_bad("lr", lambda x: x["lr"][..., None]), r"lr must have shape \[B, T, H\]"),
+    "lr shape": (_bad("lr", lambda x: x["lr"][..., None]),
+                 r"lr must be \[B, T, H\] = \[2, 11, 2\] or \[B, T, H, C\] = \[2, 11, 2, 12\] .*got \[2, 11, 2, 1\]"),
     "momentum shape": (_bad("momentum", lambda x: x["momentum"][:, :3]),
-                       r"momentum must have shape \[B, T, H\]"),
-    "forget shape": (_bad("forget", lambda x: x["forget"][0]), r"forget must have shape \[B, T, H\]"),
+                       r"momentum must be \[B, T, H\] = \[2, 11, 2\] or \[B, T, H, C\]"),
+    "forget shape": (_bad("forget", lambda x: x["forget"][0]), r"forget must be \[B, T, H\] = \[2, 11, 2\] or"),
     "lr integer": (_bad("lr", lambda x: x["lr"].long()), r"lr must be a floating-point tensor"),
     "lr negative": (_bad("lr", lambda x: x["lr"] - 1), r"lr must lie in \[0.0, inf\]"),
     "momentum > 1": (_bad("momentum", lambda x: x["momentum"] + 1), r"momentum must lie in \[0.0, 1.0\]"),

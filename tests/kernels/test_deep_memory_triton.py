@@ -28,9 +28,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_inputs(B, T, H, D, depth, expansion, *, momentum=True, forget=True, init_momentum=True, n_state=None,
-                seed=0):
+                delta=False, seed=0):
     """float64 CPU inputs: unit-norm q, k (as Titans' ℓ2-normalised projections), θ ∈ [0, .5], η ∈ [0, 1],
-    α ∈ [0, .2], weights ``[H, ·, ·]`` (or ``[n_state, H, ·, ·]``) and momentum state."""
+    α ∈ [0, .2], weights ``[H, ·, ·]`` (or ``[n_state, H, ·, ·]``), momentum state and (``delta``) a
+    Huber threshold δ ∈ [0, 8]."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -50,11 +51,15 @@ def make_inputs(B, T, H, D, depth, expansion, *, momentum=True, forget=True, ini
         forget=0.2 * rand(B, T, H) if forget else None,
         weights=weights,
         initial_momentum=[0.1 * randn(*w.shape) for w in weights] if init_momentum else None,
+        delta=8 * rand(B, T, H) if delta else None,
     )
 
 
+TOKENS = ("q", "k", "v", "lr", "momentum", "forget", "delta")  # per-token inputs
+
+
 def _flat(x):
-    return [x[n] for n in ("q", "k", "v", "lr", "momentum", "forget")] + x["weights"] + (x["initial_momentum"] or [])
+    return [x[n] for n in TOKENS] + x["weights"] + (x["initial_momentum"] or [])
 
 
 def _prepare(x, device, dtype):
@@ -63,7 +68,7 @@ def _prepare(x, device, dtype):
     def cp(t):
         return None if t is None else t.detach().to(device, dtype).requires_grad_()
 
-    y = {n: cp(x[n]) for n in ("q", "k", "v", "lr", "momentum", "forget")}
+    y = {n: cp(x[n]) for n in TOKENS}
     y["weights"] = [cp(w) for w in x["weights"]]
     y["initial_momentum"] = None if x["initial_momentum"] is None else [cp(s) for s in x["initial_momentum"]]
     return y
@@ -72,16 +77,18 @@ def _prepare(x, device, dtype):
 def _run(op, x, cu_seqlens, **kw):
     o, (W, S) = op(
         x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
-        initial_momentum=x["initial_momentum"], output_final_state=True, cu_seqlens=cu_seqlens, **kw,
+        initial_momentum=x["initial_momentum"], delta=x["delta"], output_final_state=True, cu_seqlens=cu_seqlens,
+        **kw,
     )  # fmt: skip
     return [o, *W, *S]
 
 
 def compare(x, device, *, dtype=torch.float32, chunk_size=16, residual=True, norm=True, cu_seqlens=None,
-            block_hidden=None, seed=1) -> dict[str, float]:
+            block_hidden=None, seed=1, **hooks) -> dict[str, float]:
     """Relative errors of the Triton path (``dtype`` on ``device``) against naive in float64 on
-    the same (dtype-rounded) inputs: outputs, final states and all input gradients."""
-    kw = dict(chunk_size=chunk_size, residual=residual, norm=norm, activation="gelu")
+    the same (dtype-rounded) inputs: outputs, final states and all input gradients. ``hooks``: the
+    Miras ``bias``, ``retention`` and their parameters, passed to both."""
+    kw = dict(chunk_size=chunk_size, residual=residual, norm=norm, activation="gelu", **hooks)
     tri = _prepare(x, device, dtype)
     ref = _prepare(tri, "cpu", F64)  # the same (rounded) values as the kernel's inputs
     cu_dev = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
@@ -95,7 +102,7 @@ def compare(x, device, *, dtype=torch.float32, chunk_size=16, residual=True, nor
     wrt, wrt_ref = [t for t in _flat(tri) if t is not None], [t for t in _flat(ref) if t is not None]
     grads = torch.autograd.grad(out, wrt, [c.to(device, dtype) for c in cot])
     grads_ref = torch.autograd.grad(out_ref, wrt_ref, cot)
-    gnames = [n for n in ("q", "k", "v", "lr", "momentum", "forget") if x[n] is not None]
+    gnames = [n for n in TOKENS if x[n] is not None]
     gnames += [f"dW{i}" for i in range(len(x["weights"]))]
     gnames += [f"dS{i}" for i in range(len(x["initial_momentum"] or []))]
     errs.update({f"grad_{n}": rel(a, b) for n, a, b in zip(gnames, grads, grads_ref)})
@@ -178,7 +185,7 @@ def test_triton_interpreted(run_interpreted):
     "change, message",
     [
         (dict(bias="l3"), "bias='l3'"),
-        (dict(retention="softmax"), "retention='softmax'"),
+        (dict(retention="l3"), "retention='l3'"),
         (dict(activation="relu"), "activation='relu'"),
         (dict(chunk_size=65), "chunk_size must be in"),
         (dict(block_hidden=24), "block_hidden must be a power of two"),

@@ -5,8 +5,6 @@ reduce to known rules, and bad input."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from reference import memory_fn
@@ -119,6 +117,18 @@ def test_varlen_equals_separate_runs(variant):
         assert rel(o[:, s:e], o_i) < 1e-12
         for a, b in zip(W + S, W_i + S_i):
             assert rel(a[i : i + 1], b) < 1e-12
+
+
+@pytest.mark.parametrize("variant", ["lq_norm", "softmax", "moneta"])
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_prefix_outputs_do_not_depend_on_where_the_input_stops(variant, backend):
+    """A sequence that ends inside a chunk reads its last tokens linearised like any mid-chunk token:
+    the outputs of a prefix equal the first outputs of the longer input (what makes decoding exact)."""
+    x = make_inputs(variant, B=2, T=13, **TITANS, grad=False)
+    o, _, _ = run(deep_memory, x, variant, chunk_size=4, backend=backend)
+    for stop in (6, 7, 9, 11):
+        prefix = {n: (t[:, :stop] if n not in ("weights", "s0") else t) for n, t in x.items()}
+        assert rel(run(deep_memory, prefix, variant, chunk_size=4, backend=backend)[0], o[:, :stop]) < 1e-12
 
 
 @pytest.mark.parametrize("variant", ["lq_norm", "softmax", "moneta"])
@@ -288,25 +298,6 @@ def test_gradcheck_naive(variant):
     assert torch.autograd.gradcheck(fn, tuple(leaves(x)))
 
 
-def test_auto_backend_falls_back_to_torch_for_miras_hooks(monkeypatch):
-    """Where ``auto`` resolves to Triton (CUDA), hooks Triton lacks run on the torch chunked path."""
-    module = sys.modules["memlm.kernels.deep_memory"]
-    monkeypatch.setattr(module, "resolve_backend", lambda backend, ref: "triton")
-    x = make_inputs("moneta", **TITANS, grad=False)
-    got = run(deep_memory, x, "moneta", chunk_size=4)
-    want = run(deep_memory_chunk, x, "moneta", chunk_size=4)
-    for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_triton_rejects_miras_hooks(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x = make_inputs("softmax", **TITANS, grad=False)
-    x = {n: t.float() if isinstance(t, torch.Tensor) else [w.float() for w in t] for n, t in x.items()}
-    with pytest.raises(ValueError, match="backend='triton' implements bias='l2', retention='none' only"):
-        run(deep_memory, x, "softmax", backend="triton")
-
-
 def _without_delta(x):
     x.pop("delta")
 
@@ -336,14 +327,16 @@ BAD = {
     "retention parameter unknown": ("lq_norm", dict(retention_params={"c": 1.0}), None,
                                     r"retention_params key 'c' is not a parameter of retention='lq_norm'"),
     "delta missing": ("huber", {}, _without_delta,
-                      r"delta \(the per-token threshold δ_t, \[B, T, H\]\) is required for bias='huber'"),
+                      r"delta \(the per-token threshold δ_t, \[B, T, H\] or channel-wise \[B, T, H, D\]\) "
+                      r"is required for bias='huber'"),
     "delta unused": ("lp", dict(delta=ONES), None,
                      r"delta is used only by the biases \('huber',\); got bias='lp'"),
-    "delta shape": ("huber", dict(delta=ONES[..., 0]), None, r"delta must have shape \[B, T, H\]"),
+    "delta shape": ("huber", dict(delta=ONES[..., 0]), None,
+                    r"delta must be \[B, T, H\] = \[2, 11, 2\] or \[B, T, H, D\] = \[2, 11, 2, 4\], got \[2, 11\]"),
     "delta negative": ("huber", dict(delta=-ONES), None, r"delta must lie in \[0.0, inf\]"),
     "delta integer": ("huber", dict(delta=ONES.long()), None, r"delta must be a floating-point tensor"),
-    "softmax weights not positive": ("softmax", {}, _negative_weights,
-                                     r"retention='softmax' .* needs them positive: weights\[0\] has min"),
+    "softmax weights negative": ("softmax", {}, _negative_weights,
+                                     r"retention='softmax' .* needs them >= 0: weights\[0\] has min"),
 }  # fmt: skip
 
 

@@ -12,7 +12,6 @@ gradient to every layer's pre-activation, giving the right factor of each weight
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -23,18 +22,23 @@ LN_EPS = 1e-5
 
 
 class Activation(NamedTuple):
-    """An elementwise nonlinearity φ and its derivative φ'."""
+    """An elementwise nonlinearity φ and its vector-Jacobian product ``vjp(g, z) = g ⊙ φ'(z)``."""
 
     fn: Callable[[torch.Tensor], torch.Tensor]
-    grad: Callable[[torch.Tensor], torch.Tensor]
+    vjp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def grad(self, z: torch.Tensor) -> torch.Tensor:
+        """``φ'(z)``."""
+        return self.vjp(torch.ones_like(z), z)
 
 
-def gelu_grad(z: torch.Tensor) -> torch.Tensor:
-    """Derivative of exact GELU ``z Φ(z)``: ``Φ(z) + z ϕ(z)`` (ϕ the standard normal density)."""
-    return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+def gelu_vjp(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``g ⊙ φ'(z)`` of exact GELU ``φ(z) = z Φ(z)``, ``φ'(z) = Φ(z) + z ϕ(z)`` (ϕ the standard normal
+    density), in one fused kernel (PyTorch's GELU backward, itself differentiable)."""
+    return torch.ops.aten.gelu_backward(g, z)
 
 
-ACTIVATIONS: dict[str, Activation] = {"gelu": Activation(F.gelu, gelu_grad)}
+ACTIVATIONS: dict[str, Activation] = {"gelu": Activation(F.gelu, gelu_vjp)}
 
 Linear = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -76,10 +80,10 @@ def memory_backward(
     if trace.normed is not None:
         y = trace.normed
         grad = trace.rstd * (grad - grad.mean(-1, keepdim=True) - y * (grad * y).mean(-1, keepdim=True))
-    phi_grad = ACTIVATIONS[activation].grad
+    vjp = ACTIVATIONS[activation].vjp
     deltas = [grad]
     for layer in range(len(weights) - 1, 0, -1):
-        grad = (grad @ weights[layer].mT) * phi_grad(trace.pre[layer - 1])
+        grad = vjp(grad @ weights[layer].mT, trace.pre[layer - 1])
         deltas.append(grad)
     return deltas[::-1]
 

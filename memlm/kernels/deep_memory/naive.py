@@ -14,7 +14,7 @@ import torch
 from .._common import segments
 from .mlp import memory_apply, weight_linear
 from .objectives import bias_hook, dual_state, exchanged_state, retention_hook
-from .state import gates_or_defaults, initial_state
+from .state import channel_axis, gates_or_defaults, initial_state, layer_slices
 
 State = tuple[list[torch.Tensor], list[torch.Tensor]]
 
@@ -49,16 +49,23 @@ def deep_memory_naive(
     * ``u_t = ∇_W ℓ(W_c; k_t, v_t) = (∂M/∂W)ᵀ ψ(M_{W_c}(k_t) − v_t)``;
     * ``S_t = η_t S_{t−1} − θ_t u_t`` and ``A_t = (1 − α_t) A_{t−1} + S_t`` (exact);
     * inside the chunk the read is linearised, ``W_t = (1 − α_t) W_{t−1} + S_t`` from ``W_c``; at the
-      chunk's last token the map is applied exactly, ``W_t = R(A_t)``; ``o_t = M_{W_t}(q_t)``.
+      last token of a full chunk the map is applied exactly, ``W_t = R(A_t)``; ``o_t = M_{W_t}(q_t)``.
+      A sequence that ends inside a chunk reads its last tokens linearised too, so a prefix's outputs
+      never depend on where the input stops (step-by-step decoding equals the parallel pass).
 
     With ``chunk_size=1`` this is the per-token rule ``W_t = R(A_t)`` with gradients at ``W_{t−1}``:
     Moneta's ``A_t = α A_{t−1} − η ∇ℓ_p``, ``W_t = A_t / ‖A_t‖_q^{q−2}`` and Memora's
     ``W_t = c·Softmax(α log W_{t−1} − η ∇ℓ)``. With ``R`` the identity both reads agree (Titans).
 
-    Shapes: ``q, k, v: [B, T, H, D]``; ``lr, momentum, forget, delta: [B, T, H]``; ``weights[l]``:
-    ``[H, d_{l−1}, d_l]`` or ``[N, H, d_{l−1}, d_l]``. Returns ``(o, (state_T, S_T))``.
+    Shapes: ``q, k, v: [B, T, H, D]``; ``weights[l]``: ``[H, d_{l−1}, d_l]`` or ``[N, H, d_{l−1}, d_l]``;
+    ``lr, momentum, forget``: ``[B, T, H]`` (one gate per head) or ``[B, T, H, C]`` with ``C = Σ_l d_l``
+    (channel-wise): channel ``c`` of layer ``l`` gates column ``c`` of ``W_l``, ``S_t[:, c] = η_t[c] S_{t−1}[:, c]
+    − θ_t[c] u_t[:, c]``, ``A_t[:, c] = (1 − α_t[c]) A_{t−1}[:, c] + S_t[:, c]``; ``delta``: ``[B, T, H]`` or
+    ``[B, T, H, D]`` (see ``huber_bias``). Returns ``(o, (state_T, S_T))``.
     """
     theta, eta, alpha = gates_or_defaults(lr, momentum, forget)
+    widths = [w.shape[-1] for w in weights]
+    layer_gates = [layer_slices(channel_axis(g), widths) for g in (theta, eta, alpha)]  # [B, T, H, 1 | d_l]
     psi, mirror = bias_hook(bias, bias_params), retention_hook(retention, retention_params)
     depth = len(weights)
     B, T = q.shape[:2]
@@ -81,14 +88,15 @@ def deep_memory_naive(
             if (t - start) % chunk_size == 0:
                 W_c = W
             k_t, v_t, q_t = (x[batch, t].unsqueeze(-2) for x in (k, v, q))
-            delta_t = None if delta is None else delta[batch, t, :, None, None]
+            delta_t = None if delta is None else channel_axis(delta)[batch, t, :, None]
             m_t, vjp = torch.func.vjp(lambda *ws, k_t=k_t: M(k_t, ws), *W_c)
             u = vjp(psi(m_t - v_t, v=v_t, delta=delta_t))
-            th, et, al = (g[batch, t, :, None, None] for g in (theta, eta, alpha))
-            S = [et * s - th * u_l for s, u_l in zip(S, u)]
-            A = [(1 - al) * a + s for a, s in zip(A, S)]
-            W = [(1 - al) * w + s for w, s in zip(W, S)]
-            if (t - start + 1) % chunk_size == 0 or t == end - 1:
+            # per layer [N, H, 1, 1 | d_l]: one gate per column of W_l
+            theta_t, eta_t, alpha_t = ([g[batch, t, :, None] for g in per_layer] for per_layer in layer_gates)
+            S = [eta_l * s - theta_l * u_l for eta_l, theta_l, s, u_l in zip(eta_t, theta_t, S, u)]
+            A = [(1 - alpha_l) * a + s for alpha_l, a, s in zip(alpha_t, A, S)]
+            W = [(1 - alpha_l) * w + s for alpha_l, w, s in zip(alpha_t, W, S)]
+            if (t - start + 1) % chunk_size == 0:
                 W = [mirror(a) for a in A]
             outputs.append(M(q_t, W).squeeze(-2))
         finals_A.append(exchanged_state(retention, mirror, A))

@@ -2,13 +2,15 @@
 
 Miras (Behrouz et al. 2025, arXiv 2504.13173) describes a memory by its inner loss (attentional
 bias) and its retention. The op needs two pieces, looked up here by the naive reference and the
-PyTorch chunked path (the Triton kernels implement ``l2``/``none`` themselves):
+PyTorch chunked path (the Triton kernels implement the same functions in ``triton_bias.py`` and
+``triton_retention.py``):
 
 * ``BIASES[name](e, *, <per-token tensors>, <parameters>)`` — ψ = ∂ℓ/∂M(k), the derivative of the
   attentional bias with respect to the memory output at the error ``e = M(k) − v`` (``[..., D]``).
   The weight gradient is ``u = (∂M/∂W)ᵀ ψ``, back-propagated through the MLP. A bias may also take
   the per-token tensors named in ``PER_TOKEN`` as keyword arguments (``v`` the target value,
-  ``delta`` a threshold ``[..., 1]``); its other keyword arguments are scalar parameters with defaults.
+  ``delta`` a threshold ``[..., 1]`` or channel-wise ``[..., D]``); its other keyword arguments are scalar
+  parameters with defaults.
 * ``RETENTIONS[name](A, *, <parameters>)`` — the mirror map ``W = R(A)`` from the recurrent (dual)
   state ``A`` (``[N, H, d_in, d_out]`` per layer) to the weights the memory computes with. The
   state follows the linear Titans recurrence ``A_t = (1 − α_t) A_{t−1} + S_t``,
@@ -22,6 +24,7 @@ evaluates exactly the same function.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -55,11 +58,16 @@ def lp_bias(e: torch.Tensor, *, p: float = 3.0, nu: float = 10.0, eps: float = 1
 
 def huber_bias(e: torch.Tensor, *, delta: torch.Tensor) -> torch.Tensor:
     """Yaad's Huber bias (Miras §5, Yaad update rule): the ℓ2 gradient where the error is small, the
-    δ-scaled ℓ1 gradient elsewhere, switched per token on the vector norm of the error:
-    ``ψ(e) = 2e`` if ``‖e‖₂ ≤ δ_t`` else ``δ_t · Sign(e)`` (``delta: [..., 1]``, one δ_t per token
-    and head). The coordinate-wise Huber loss is a different Miras variant, not this one."""
-    small = torch.linalg.vector_norm(e, dim=-1, keepdim=True) <= delta
-    return torch.where(small, 2 * e, delta * torch.sign(e))
+    δ-scaled ℓ1 gradient elsewhere. The switch follows δ's rank (the op's ``delta``):
+
+    * ``[B, T, H]`` (here ``delta: [..., 1]``, one δ_t per token and head): on the vector norm of the
+      error, ``ψ(e) = 2e`` if ``‖e‖₂ ≤ δ_t`` else ``δ_t · Sign(e)`` (Yaad);
+    * ``[B, T, H, D]`` (here ``[..., D]``, channel-wise δ, Miras' channel-wise gates): per coordinate,
+      ``ψ_c = 2e_c`` if ``|e_c| ≤ δ_c`` else ``δ_c · Sign(e_c)`` (the coordinate-wise Huber loss).
+
+    For ``D = 1`` the two rules coincide."""
+    size = torch.linalg.vector_norm(e, dim=-1, keepdim=True) if delta.shape[-1] == 1 else e.abs()
+    return torch.where(size <= delta, 2 * e, delta * torch.sign(e))
 
 
 def dot_bias(e: torch.Tensor, *, v: torch.Tensor) -> torch.Tensor:
@@ -107,7 +115,11 @@ RETENTIONS: dict[str, Retention] = {
 
 # Retentions whose state is exchanged with the caller as the weights ``W = R(A)`` (initial
 # ``weights`` and final state), with the map back to a state ``A``; the others exchange ``A``.
-WEIGHT_STATE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"softmax": torch.log}
+# A weight that underflowed to 0 in the softmax (a state handed back and passed in again) maps to the
+# log of the smallest normal number, which the softmax maps back to 0.
+WEIGHT_STATE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": lambda w: torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))
+}
 
 # Lower bounds of hook parameters: name -> {parameter: (bound, bound allowed)}.
 LOWER_BOUNDS: dict[str, dict[str, tuple[float, bool]]] = {
@@ -158,3 +170,25 @@ def dual_state(name: str, state: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def exchanged_state(name: str, mirror: Retention, state: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The state handed back to the caller: ``R(A)`` for retentions in ``WEIGHT_STATE``, else ``A``."""
     return [mirror(a) for a in state] if name in WEIGHT_STATE else list(state)
+
+
+def check_hook_parameters(kind: str, name: str, params: Mapping[str, float] | None) -> None:
+    """Raise ``ValueError`` unless ``params`` (``bias_params`` / ``retention_params``, ``kind`` being
+    ``"bias"`` or ``"retention"``) names scalar parameters of hook ``name`` within ``LOWER_BOUNDS``."""
+    if params is None:
+        return
+    arg = f"{kind}_params"
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{arg} must be a dict of scalar parameters or None, got {type(params).__name__}")
+    fn = (BIASES if kind == "bias" else RETENTIONS)[name]
+    allowed = tuple(hook_parameters(fn))
+    bounds = LOWER_BOUNDS.get(name, {})
+    for key, value in params.items():
+        if key not in allowed:
+            raise ValueError(f"{arg} key {key!r} is not a parameter of {kind}={name!r}; allowed: {allowed}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{arg}[{key!r}] must be a finite real number, got {value!r}")
+        low, closed = bounds.get(key, (-math.inf, True))
+        if value < low or (value == low and not closed):
+            relation = ">=" if closed else ">"
+            raise ValueError(f"{arg}[{key!r}] must be {relation} {low} for {kind}={name!r}, got {value!r}")

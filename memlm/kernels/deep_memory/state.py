@@ -1,4 +1,5 @@
-"""The deep-memory recurrent state: per-layer weights ``W_l`` and momentum ``S_l``."""
+"""The deep-memory recurrent state (per-layer weights ``W_l`` and momentum ``S_l``) and the layout of its gates
+(per head, or per channel: one value per output unit of every layer)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,21 @@ def initial_state(
 def gates_or_defaults(
     lr: torch.Tensor, momentum: torch.Tensor | None, forget: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(θ, η, α)`` with ``momentum=None`` read as η = 0 and ``forget=None`` as α = 0."""
+    """``(θ, η, α)`` with ``momentum=None`` read as η = 0 and ``forget=None`` as α = 0 (shaped like ``lr``)."""
     eta = torch.zeros_like(lr) if momentum is None else momentum
     alpha = torch.zeros_like(lr) if forget is None else forget
     return lr, eta, alpha
+
+
+def channel_axis(gate: torch.Tensor) -> torch.Tensor:
+    """A gate with a trailing channel axis: per head ``[B, T, H] → [B, T, H, 1]`` (one value shared by
+    every channel), channel-wise ``[B, T, H, C]`` unchanged."""
+    return gate.unsqueeze(-1) if gate.dim() == 3 else gate
+
+
+def layer_slices(x: torch.Tensor, widths: Sequence[int], dim: int = -1) -> list[torch.Tensor]:
+    """``x``'s channel axis ``dim`` cut into each layer's output units (``C = Σ_l d_l``, ``widths = [d_1 … d_L]``):
+    channel ``c`` of layer ``l`` gates column ``c`` of ``W_l``. A size-1 axis (a per-head gate) serves every layer."""
+    if x.shape[dim] == 1:
+        return [x] * len(widths)
+    return list(x.split(list(widths), dim))

@@ -1,15 +1,16 @@
 """Triton path of the deep-memory op: an autograd Function over the forward/backward kernels.
 
 ``deep_memory_triton`` is called by the public op with validated inputs and implements the
-same semantics (Titans chunked GD with momentum and decay, DESIGN.md §3) for one linear layer
-(any ``residual``/``norm``) or the two-layer GELU MLP, ψ = ℓ2 and no chunk-end retention.
-The forward stores every chunk-start state (float32) when a gradient is needed; the backward
-walks the chunks in reverse from them.
+same semantics (Titans chunked GD with momentum and decay, DESIGN.md §3; the Miras hooks of
+``naive``) for one linear layer (any ``residual``/``norm``) or the two-layer GELU MLP, with every
+attentional bias ψ and retention map of ``TRITON_HOOKS``. The forward stores every chunk-start
+state (float32; with a retention map also the weights ``W = R(A)``) when a gradient is needed; the
+backward walks the chunks in reverse from them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -17,14 +18,14 @@ import torch
 import triton
 from torch.autograd.function import once_differentiable
 
+from . import TRITON_HOOKS
+from .objectives import BIASES, RETENTIONS, Retention, dual_state, exchanged_state, hook_parameters, retention_hook
 from .triton_bwd import deep_memory_bwd
 from .triton_fwd import block_size, deep_memory_fwd
 
 State = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 TRITON_ACTIVATIONS = ("gelu",)
-TRITON_BIASES = ("l2",)
-TRITON_RETENTIONS = ("none",)
 MAX_HEAD_DIM = 128
 MAX_CHUNK = 64
 
@@ -40,6 +41,13 @@ class _Config:
     store_states: bool
     depth: int
     has_initial_momentum: bool
+    hooks: dict[str, object]  # the kernels' BIAS, BIAS_PARAMS, RETENTION, RETENTION_PARAMS
+    mirror: Retention  # W = R(A), the same map in PyTorch (initial weights and their VJP)
+
+    @property
+    def retains(self) -> bool:
+        """Whether a retention map separates the weights ``W = R(A)`` from the state ``A``."""
+        return self.hooks["RETENTION"] != "none"
 
 
 def _slot_layout(
@@ -72,6 +80,15 @@ def _new_slots(init: torch.Tensor | None, like: torch.Tensor, n_slots: int, firs
     return slots
 
 
+def _weight_slots(A_slots: torch.Tensor, first: torch.Tensor, cfg: _Config) -> torch.Tensor:
+    """The weights' slots: ``R(A_0)`` in the first slots with a retention map, else the state's slots."""
+    if not cfg.retains:
+        return A_slots
+    W_slots = torch.empty_like(A_slots)
+    W_slots[first.long()] = cfg.mirror(A_slots[first.long()])
+    return W_slots
+
+
 def _reduce(grad: torch.Tensor, like: tuple[int, torch.dtype]) -> torch.Tensor:
     """Gradient of an initial state given shared ``[H, ...]`` (sum over sequences) or per sequence;
     ``like`` is that state's ``(dim, dtype)``."""
@@ -79,73 +96,87 @@ def _reduce(grad: torch.Tensor, like: tuple[int, torch.dtype]) -> torch.Tensor:
     return (grad.sum(0) if dim == 3 else grad).to(dtype)
 
 
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    """``grad`` in ``like``'s dtype, None for an absent input."""
+    return None if like is None else grad.to(like.dtype)
+
+
 class DeepMemoryTritonFunction(torch.autograd.Function):
-    """``(o, W_T..., S_T...) = f(q, k, v, θ, η, α, W_0..., S_0...)`` with Triton forward and backward."""
+    """``(o, A_T..., S_T...) = f(q, k, v, θ, η, α, δ, A_0..., S_0...)`` with Triton forward and backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lr, momentum, forget, cu_seqlens, cfg: _Config, *state):
-        weights = state[: cfg.depth]
+    def forward(ctx, q, k, v, lr, momentum, forget, delta, cu_seqlens, cfg: _Config, *state):
+        states = state[: cfg.depth]
         init_momentum = state[cfg.depth :] if cfg.has_initial_momentum else (None,) * cfg.depth
         first, final, n_slots = _slot_layout(q, cu_seqlens, cfg.chunk_size, cfg.store_states)
-        W_slots = [_new_slots(w, w, n_slots, first) for w in weights]
-        S_slots = [_new_slots(s, w, n_slots, first) for s, w in zip(init_momentum, weights)]
+        A_slots = [_new_slots(a, a, n_slots, first) for a in states]
+        S_slots = [_new_slots(s, a, n_slots, first) for s, a in zip(init_momentum, states)]
+        W_slots = [_weight_slots(a, first, cfg) for a in A_slots]
         o = deep_memory_fwd(
-            q, k, v, lr, momentum, forget, W_slots, S_slots, first, cu_seqlens,
-            chunk_size=cfg.chunk_size, residual=cfg.residual, norm=cfg.norm,
-            store_states=cfg.store_states, block_hidden=cfg.block_hidden,
+            q, k, v, lr, momentum, forget, delta, A_slots, S_slots, W_slots, first, cu_seqlens,
+            chunk_size=cfg.chunk_size, residual=cfg.residual, norm=cfg.norm, store_states=cfg.store_states,
+            block_hidden=cfg.block_hidden, hooks=cfg.hooks,
         )
-        W_T = [ws[final].to(w.dtype) for ws, w in zip(W_slots, weights)]
-        S_T = [ss[final].to(w.dtype if s is None else s.dtype) for ss, s, w in zip(S_slots, init_momentum, weights)]
+        A_T = [a_slots[final].to(a.dtype) for a_slots, a in zip(A_slots, states)]
+        S_T = [ss[final].to(a.dtype if s is None else s.dtype) for ss, s, a in zip(S_slots, init_momentum, states)]
         if cfg.store_states:
-            ctx.save_for_backward(q, k, v, lr, momentum, forget, cu_seqlens, first, *W_slots, *S_slots)
+            weights = W_slots if cfg.retains else []
+            ctx.save_for_backward(q, k, v, lr, momentum, forget, delta, cu_seqlens, first, *A_slots, *S_slots,
+                                  *weights)
             ctx.cfg = cfg
             ctx.state_like = [(t.dim(), t.dtype) for t in state]
         ctx.set_materialize_grads(False)
-        return (o, *W_T, *S_T)
+        return (o, *A_T, *S_T)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, *grads_final):
         cfg: _Config = ctx.cfg
-        q, k, v, lr, momentum, forget, cu_seqlens, first, *slots = ctx.saved_tensors
-        W_slots, S_slots = slots[: cfg.depth], slots[cfg.depth :]
+        q, k, v, lr, momentum, forget, delta, cu_seqlens, first, *slots = ctx.saved_tensors
+        A_slots, S_slots = slots[: cfg.depth], slots[cfg.depth : 2 * cfg.depth]
+        W_slots = slots[2 * cfg.depth :] if cfg.retains else A_slots
         n = first.numel()
 
         def carry(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
             shape = (n, *like.shape[1:])
             return torch.zeros(shape, dtype=torch.float32, device=like.device) if g is None else g.float().clone()
 
-        dW = [carry(g, ws) for g, ws in zip(grads_final[: cfg.depth], W_slots)]
-        dS = [carry(g, ss) for g, ss in zip(grads_final[cfg.depth :], S_slots)]
+        dA = [carry(g, a) for g, a in zip(grads_final[: cfg.depth], A_slots)]
+        dS = [carry(g, s) for g, s in zip(grads_final[cfg.depth :], S_slots)]
+        dW = [torch.zeros_like(g) for g in dA] if cfg.retains else dA
         if do is None:
             do = torch.zeros_like(q)
-        dq, dk, dv, dlr, dmomentum, dforget = deep_memory_bwd(
-            q, k, v, lr, momentum, forget, do.contiguous(), list(W_slots), list(S_slots), dW, dS, first,
-            cu_seqlens, chunk_size=cfg.chunk_size, residual=cfg.residual, norm=cfg.norm,
-            block_hidden=cfg.block_hidden,
+        dq, dk, dv, dlr, dmomentum, dforget, ddelta = deep_memory_bwd(
+            q, k, v, lr, momentum, forget, delta, do.contiguous(), list(A_slots), list(S_slots), list(W_slots),
+            dA, dS, dW, first, cu_seqlens, chunk_size=cfg.chunk_size, residual=cfg.residual, norm=cfg.norm,
+            block_hidden=cfg.block_hidden, hooks=cfg.hooks,
         )
+        if cfg.retains:  # ∂L/∂A_0 += J_R(A_0)ᵀ ∂L/∂W_0
+            dA = [g + torch.func.vjp(cfg.mirror, a[first.long()])[1](w)[0] for g, a, w in zip(dA, A_slots, dW)]
         like = ctx.state_like
-        dW0 = [_reduce(g, w) for g, w in zip(dW, like[: cfg.depth])]
+        dA0 = [_reduce(g, a) for g, a in zip(dA, like[: cfg.depth])]
         dS0 = [_reduce(g, s) for g, s in zip(dS, like[cfg.depth :])]
         return (
-            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlr.to(lr.dtype),
-            None if momentum is None else dmomentum.to(momentum.dtype),
-            None if forget is None else dforget.to(forget.dtype),
-            None, None, *dW0, *dS0,
+            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlr.to(lr.dtype), _cast(dmomentum, momentum),
+            _cast(dforget, forget), _cast(ddelta, delta), None, None, *dA0, *dS0,
         )
 
 
 def _check_supported(
-    q: torch.Tensor, weights: Sequence[torch.Tensor], chunk_size: int, activation: str, bias: str,
-    retention: str, block_hidden: int | None,
+    q: torch.Tensor, gates: dict[str, torch.Tensor | None], weights: Sequence[torch.Tensor], chunk_size: int,
+    activation: str, bias: str, retention: str, block_hidden: int | None,
 ) -> None:
     """ValueError for what the Triton path does not implement (the public op checks the rest)."""
+    for name, gate in gates.items():
+        if gate is not None and gate.dim() != 3:
+            raise ValueError(f"{name}: the Triton path takes per-head gates [B, T, H], got {list(gate.shape)}")
     if activation not in TRITON_ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: the Triton path supports {TRITON_ACTIVATIONS}")
-    if bias not in TRITON_BIASES:
-        raise ValueError(f"bias={bias!r}: the Triton path supports {TRITON_BIASES}")
-    if retention not in TRITON_RETENTIONS:
-        raise ValueError(f"retention={retention!r}: the Triton path supports {TRITON_RETENTIONS}")
+    if (bias, retention) not in TRITON_HOOKS:
+        raise ValueError(
+            f"bias={bias!r}, retention={retention!r}: the Triton path supports the (bias, retention) pairs "
+            f"{TRITON_HOOKS}"
+        )
     if len(weights) not in (1, 2):
         raise ValueError(f"weights: the Triton path supports 1 or 2 layers, got {len(weights)}")
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
@@ -154,6 +185,12 @@ def _check_supported(
         raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK}] for the Triton path, got {chunk_size}")
     if block_hidden is not None and (block_hidden < 16 or block_hidden & (block_hidden - 1)):
         raise ValueError(f"block_hidden must be a power of two >= 16, got {block_hidden}")
+
+
+def _parameters(fn: Callable[..., torch.Tensor], params: Mapping[str, float] | None) -> tuple[float, ...]:
+    """A hook's scalar parameters with their defaults, in the order of its signature (the kernels'
+    constexpr tuple)."""
+    return tuple(float(value) for value in {**hook_parameters(fn), **(params or {})}.values())
 
 
 def deep_memory_triton(
@@ -174,26 +211,39 @@ def deep_memory_triton(
     cu_seqlens: torch.Tensor | None,
     bias: str = "l2",
     retention: str = "none",
+    bias_params: Mapping[str, float] | None = None,
+    retention_params: Mapping[str, float] | None = None,
+    delta: torch.Tensor | None = None,
     block_hidden: int | None = None,
 ) -> tuple[torch.Tensor, State | None]:
-    """Chunked deep memory (Titans eqs. 13–14, chunked GD) with Triton kernels.
+    """Chunked deep memory (Titans eqs. 13–14, chunked GD; Miras biases and retention maps) with Triton kernels.
 
     Same arguments and result as the public ``deep_memory`` op (inputs already validated);
     ``block_hidden`` is the hidden-tile width of the two-layer kernels (power of two, default
-    ``min(32, next_pow2(d_1))``). Differentiable w.r.t. every tensor input.
+    ``min(32, next_pow2(d_1))``). Differentiable w.r.t. every tensor input. The kernels carry the state
+    ``A``; the exchange with the caller (``log W`` in, ``R(A_T)`` out for ``softmax``) is
+    :func:`.objectives.dual_state` / :func:`.objectives.exchanged_state`, differentiated by autograd.
     """
-    _check_supported(q, weights, chunk_size, activation, bias, retention, block_hidden)
+    gates = dict(lr=lr, momentum=momentum, forget=forget, delta=delta)
+    _check_supported(q, gates, weights, chunk_size, activation, bias, retention, block_hidden)
     depth = len(weights)
     if block_hidden is None:
         block_hidden = min(32, block_size(weights[0].shape[-1]))
-    inputs = [q, k, v, lr, momentum, forget, *weights, *(initial_momentum or [])]
+    inputs = [q, k, v, lr, momentum, forget, delta, *weights, *(initial_momentum or [])]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    mirror = retention_hook(retention, retention_params)
+    hooks = dict(
+        BIAS=bias, BIAS_PARAMS=_parameters(BIASES[bias], bias_params),
+        RETENTION=retention, RETENTION_PARAMS=_parameters(RETENTIONS[retention], retention_params),
+    )
     cfg = _Config(
         chunk_size=chunk_size, residual=residual, norm=norm, block_hidden=block_hidden,
-        store_states=needs_grad, depth=depth, has_initial_momentum=initial_momentum is not None,
+        store_states=needs_grad, depth=depth, has_initial_momentum=initial_momentum is not None, hooks=hooks,
+        mirror=mirror,
     )
-    gates = [g if g is None else g.contiguous() for g in (lr, momentum, forget)]
-    state = [w.contiguous() for w in weights] + [s.contiguous() for s in (initial_momentum or [])]
+    gates = [g if g is None else g.contiguous() for g in gates.values()]
+    state = [a.contiguous() for a in dual_state(retention, weights)]
+    state += [s.contiguous() for s in (initial_momentum or [])]
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)
     o, *final = DeepMemoryTritonFunction.apply(
@@ -201,4 +251,4 @@ def deep_memory_triton(
     )
     if not output_final_state:
         return o, None
-    return o, (final[:depth], final[depth:])
+    return o, (exchanged_state(retention, mirror, final[:depth]), final[depth:])

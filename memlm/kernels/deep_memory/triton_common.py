@@ -5,7 +5,9 @@ masked to zero). The memory ``M(x) = x + LN(h_L)`` (residual and affine-free Lay
 optional) is read in the dual form of DESIGN.md §3: a layer with chunk-start weights ``W_0``,
 momentum ``S_0``, key-side inputs ``X`` and back-propagated key errors ``Δ`` reads a query-side
 input ``X_q`` as ``Z = β ⊙ (X_q W_0) + d ⊙ (X_q S_0) − (G ⊙ X_q Xᵀ) Δ``.
-Every ``*_bwd`` function is the exact vector-Jacobian product of its forward twin.
+With a retention map the last row of a full chunk is read through the exact ``R(A_end)`` instead
+(:func:`exact_row`, :func:`row`, :func:`with_row`, :func:`end_row_bwd`). Every ``*_bwd`` function is the exact
+vector-Jacobian product of its forward twin.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .mlp import LN_EPS
+from .triton_bias import bias_psi, bias_psi_bwd
 
 _LN_EPS = tl.constexpr(LN_EPS)
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -77,18 +80,17 @@ def layer_norm_bwd2(y, rstd, a, delta, g, cm, D: tl.constexpr):
 
 
 @triton.jit
-def key_error(A, K, V, valid, cm, D: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr):
-    """The error of the last layer for the keys: ``e = M(k) − v`` with pre-norm output ``A``,
-    ``ψ(e) = 2e`` (ℓ2 bias), ``Δ = Jᵀ ψ(e)`` through the LayerNorm. Returns ``ŷ, r, ψ(e), Δ``."""
+def key_error(Zk, K, V, delta, valid, cm, D: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+              BIAS: tl.constexpr, BIAS_PARAMS: tl.constexpr):
+    """The error of the last layer for the keys: ``e = M(k) − v`` with pre-norm output ``Zk``, the
+    attentional bias ``ψ(e)`` (:mod:`.triton_bias`; ``delta`` Huber's per-row threshold) and
+    ``Δ = Jᵀ ψ(e)`` through the LayerNorm. Returns ``ŷ, r, ψ(e), Δ``."""
     if NORM:
-        Y, rstd = layer_norm(A, cm, D)
+        Y, rstd = layer_norm(Zk, cm, D)
     else:
-        Y = A
-        rstd = tl.zeros([A.shape[0]], tl.float32)
-    E = Y - V
-    if RESIDUAL:
-        E += K
-    dY = tl.where(valid[:, None], 2.0 * E, 0.0)
+        Y = Zk
+        rstd = tl.zeros([Zk.shape[0]], tl.float32)
+    dY = tl.where(valid[:, None], bias_psi(_error(Y, K, V, RESIDUAL), V, delta, BIAS, BIAS_PARAMS), 0.0)
     if NORM:
         Delta = layer_norm_bwd(Y, rstd, dY, cm, D)
     else:
@@ -97,26 +99,37 @@ def key_error(A, K, V, valid, cm, D: tl.constexpr, RESIDUAL: tl.constexpr, NORM:
 
 
 @triton.jit
+def _error(Y, K, V, RESIDUAL: tl.constexpr):
+    """``e = M(k) − v`` from the normalised output ``ŷ``."""
+    E = Y - V
+    if RESIDUAL:
+        E += K
+    return E
+
+
+@triton.jit
 def key_error_bwd(
-    Y, rstd, dY, Delta, gDelta, valid, cm, D: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr
+    Y, rstd, dY, Delta, gDelta, K, V, delta, valid, cm, D: tl.constexpr, RESIDUAL: tl.constexpr,
+    NORM: tl.constexpr, BIAS: tl.constexpr, BIAS_PARAMS: tl.constexpr,
 ):
-    """Backward of :func:`key_error` for an adjoint ``gΔ``: returns ``(gA, gK, gV)``."""
+    """Backward of :func:`key_error` for an adjoint ``gΔ``: returns ``(gZk, gK, gV, gδ)``."""
     if NORM:
-        gE = 2.0 * layer_norm_bwd(Y, rstd, gDelta, cm, D)
-        gA = layer_norm_bwd2(Y, rstd, dY, Delta, gDelta, cm, D)
+        gPsi = layer_norm_bwd(Y, rstd, gDelta, cm, D)
+        gZk = layer_norm_bwd2(Y, rstd, dY, Delta, gDelta, cm, D)
     else:
-        gE = 2.0 * gDelta
-        gA = tl.zeros(gDelta.shape, tl.float32)
-    gE = tl.where(valid[:, None], gE, 0.0)
+        gPsi = gDelta
+        gZk = tl.zeros(gDelta.shape, tl.float32)
+    gPsi = tl.where(valid[:, None], gPsi, 0.0)
+    gE, gV, gdelta = bias_psi_bwd(_error(Y, K, V, RESIDUAL), V, delta, gPsi, BIAS, BIAS_PARAMS)
     if NORM:
-        gA += layer_norm_bwd(Y, rstd, gE, cm, D)
+        gZk += layer_norm_bwd(Y, rstd, gE, cm, D)
     else:
-        gA += gE
+        gZk += gE
     if RESIDUAL:
         gK = gE
     else:
         gK = tl.zeros(gE.shape, tl.float32)
-    return gA, gK, -gE
+    return gZk, gK, gV - gE, gdelta
 
 
 @triton.jit
@@ -144,6 +157,38 @@ def memory_output_bwd(Z, gO, cm, D: tl.constexpr, RESIDUAL: tl.constexpr, NORM: 
     else:
         gQ = tl.zeros(gO.shape, tl.float32)
     return gZ, gQ
+
+
+@triton.jit
+def row(X, last):
+    """Row ``last`` of a ``[BT, BC]`` tile, ``[BC]``."""
+    o = tl.arange(0, X.shape[0])
+    return tl.sum(tl.where((o == last)[:, None], X, 0.0), 0)
+
+
+@triton.jit
+def with_row(X, x, last):
+    """``X`` with row ``last`` replaced by ``x: [BC]``."""
+    o = tl.arange(0, X.shape[0])
+    return tl.where((o == last)[:, None], x[None, :], X)
+
+
+@triton.jit
+def exact_row(last, CHUNK: tl.constexpr):
+    """The row of a chunk read through the exact ``R(A_end)``: its last if the chunk is full, else −1 (none:
+    a sequence's partial last chunk is read linearised throughout, as in ``naive``)."""
+    return tl.where(last == CHUNK - 1, last, -1)
+
+
+@triton.jit
+def end_row_bwd(z, gO, last, cm, D: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr):
+    """Backward of the exact read of row ``last`` (:func:`exact_row`), ``o_last = q + LN(z)`` (``z: [BD]``
+    read through ``R(A_end)``): returns ``gO`` without that row (the linearised read's share), the residual
+    ``gQ`` (that row only) and ``gz`` (all zero for ``last = −1``)."""
+    at = (tl.arange(0, gO.shape[0]) == last)[:, None]
+    gZ, gQ = memory_output_bwd(with_row(tl.zeros(gO.shape, tl.float32), z, last), tl.where(at, gO, 0.0), cm, D,
+                               RESIDUAL, NORM)
+    return tl.where(at, 0.0, gO), gQ, row(gZ, last)
 
 
 @triton.jit
@@ -175,7 +220,8 @@ def dual_correction_bwd(gC, G, XX, Xq, X, BF16_DOT: tl.constexpr):
 @triton.jit
 def chunk_end(W, S, X, Delta, gL, nL, bL, dL, mL, BF16_DOT: tl.constexpr):
     """Chunk-end state of one layer, ``u_i = X_iᵀ Δ_i``:
-    ``W_b = β_b W_0 + d_b S_0 − Xᵀ(G_b ⊙ Δ)``, ``S_b = m_b S_0 − Xᵀ(n_b ⊙ Δ)``."""
+    ``W_b = β_b W_0 + d_b S_0 − Xᵀ(G_b ⊙ Δ)``, ``S_b = m_b S_0 − Xᵀ(n_b ⊙ Δ)`` (``W`` is the state ``A``
+    when a retention map is used)."""
     Xt = tl.trans(X)
     W_end = bL * W + dL * S - mm(Xt, gL[:, None] * Delta, BF16_DOT)
     S_end = mL * S - mm(Xt, nL[:, None] * Delta, BF16_DOT)

@@ -1,0 +1,153 @@
+"""Miras hooks in the Triton deep-memory kernels (arXiv 2504.13173): every attentional bias ψ and retention
+map against the naive per-token recurrence (float64 reference on the float32-rounded inputs).
+
+Each case compares outputs, final states and the gradients of q, k, v, θ, η, α, δ, the initial weights
+and the initial momentum by ``‖x − ref‖ / ‖ref‖`` (helpers of ``test_deep_memory_triton``). L = 1: three
+packed documents of lengths 5, 8, 10 with chunk 4 (sequences ending in a partial and in a full chunk: only
+a full chunk's last row reads through the exact ``R(A_end)``) and a state per document; L = 2: a batch of
+two sharing the initial state, T = 21 with chunk 8, two hidden tiles. On a CPU session the Triton cases run in a
+``TRITON_INTERPRET=1`` child process (``test_miras_triton_interpreted``); on CUDA they run directly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from kernels.test_deep_memory_triton import L1, L2, assert_close, compare, make_inputs, rel
+
+from memlm.kernels import deep_memory
+from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
+from memlm.kernels.deep_memory.triton_chunk import deep_memory_triton
+
+VARIANTS = {
+    # name: hooks, with parameters away from their defaults where the value matters
+    "lp": dict(bias="lp", bias_params={"p": 3.0, "nu": 4.0, "eps": 1e-3}),
+    "huber": dict(bias="huber"),  # δ ∈ [0, 8]; ‖e‖ at the initial weights ~ 4.5–7: both branches
+    "dot": dict(bias="dot"),
+    "l2_clip": dict(bias="l2_clip", bias_params={"max_norm": 11.0}),  # about half the keys clipped
+    "lq_norm": dict(retention="lq_norm", retention_params={"q": 3.0}),
+    "softmax": dict(retention="softmax", retention_params={"c": 2.0}),
+    "max_norm": dict(retention="max_norm", retention_params={"c": 14.0}),  # chunk-end ‖A‖_F 9–37: both branches
+    "moneta": dict(bias="lp", retention="lq_norm"),  # the paper's p = 3, q = 4 (defaults)
+    "clip_capped": dict(bias="l2_clip", retention="max_norm"),  # both Titans safeguards (defaults)
+}
+OPTIONS = {1: dict(chunk_size=4, cu_seqlens=[0, 5, 13, 23]), 2: dict(chunk_size=8, block_hidden=16)}
+# float32 kernels vs the float64 reference: measured ≤ 2.1e-5 (softmax, L = 2, ∂k), ≤ 5e-6 for the others
+TOL = 5e-5
+
+
+def inputs(variant: str, cfg: dict, **shape) -> dict:
+    """The inputs of one case (default shapes: those of ``OPTIONS``); softmax retention takes positive
+    weights and smaller steps θ ∈ [0, .1] (larger logit steps saturate the softmax and the recurrence
+    amplifies rounding)."""
+    shape = shape or (dict(B=1, T=23, H=2, D=16, n_state=3) if cfg is L1 else dict(B=2, T=21, H=1, D=16))
+    x = make_inputs(**shape, **cfg, delta=VARIANTS[variant].get("bias") == "huber")
+    if VARIANTS[variant].get("retention") == "softmax":
+        x["weights"] = [w.abs() + 0.1 for w in x["weights"]]
+        x["lr"] = 0.2 * x["lr"]
+    return x
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("cfg", [L1, L2], ids=["L1", "L2"])
+def test_miras_triton_matches_naive(triton_device, variant, cfg):
+    errors = compare(inputs(variant, cfg), triton_device, **OPTIONS[cfg["depth"]], **VARIANTS[variant])
+    assert_close(errors, TOL)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "moneta", "max_norm"])
+def test_miras_triton_inference_in_place(triton_device, variant):
+    """Without autograd the state is updated in one slot per sequence (the L = 2 kernel keeps the weights
+    ``R(A)`` in a slot of their own); the public op dispatches to the kernels with backend='triton'."""
+    for cfg in (L1, L2):
+        x = inputs(variant, cfg)
+        opts = dict(OPTIONS[cfg["depth"]])
+        opts.pop("block_hidden", None)
+        cu = opts.pop("cu_seqlens", None)
+        args = [x[n] for n in ("q", "k", "v", "lr", "momentum", "forget")]
+        kw = dict(output_final_state=True, **opts, **VARIANTS[variant])
+        with torch.no_grad():
+            o, (W, S) = deep_memory(
+                *(t.float().to(triton_device) for t in args), [w.float().to(triton_device) for w in x["weights"]],
+                initial_momentum=[s.float().to(triton_device) for s in x["initial_momentum"]],
+                cu_seqlens=None if cu is None else torch.tensor(cu, device=triton_device), backend="triton", **kw,
+            )  # fmt: skip
+        o_ref, (W_ref, S_ref) = deep_memory_naive(
+            *args, x["weights"], initial_momentum=x["initial_momentum"],
+            cu_seqlens=None if cu is None else torch.tensor(cu), **kw,
+        )  # fmt: skip
+        errors = {"o": rel(o, o_ref)}
+        errors.update({f"W{i}": rel(a, b) for i, (a, b) in enumerate(zip(W, W_ref))})
+        errors.update({f"S{i}": rel(a, b) for i, (a, b) in enumerate(zip(S, S_ref))})
+        assert_close(errors, TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", [1, 32])
+@pytest.mark.parametrize("variant", ["moneta", "softmax", "huber", "clip_capped"])
+def test_miras_triton_larger(triton_device, variant, chunk_size):
+    """Online GD (chunk_size=1: every row closes a chunk) and longer chunks; two heads, D = 32, L = 2."""
+    x = inputs(variant, L2, B=2, T=9 if chunk_size == 1 else 100, H=2, D=32)
+    assert_close(compare(x, triton_device, chunk_size=chunk_size, block_hidden=32, **VARIANTS[variant]), 2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("cfg", [L1, dict(depth=2, expansion=4)], ids=["L1", "L2x4"])
+def test_miras_triton_cuda(variant, cfg):
+    """D = 64, expansion 4 on CUDA in float32 (reference: naive float64 on the rounded inputs)."""
+    x = inputs(variant, cfg, B=2, T=100, H=2, D=64)
+    assert_close(compare(x, "cuda", chunk_size=16, **VARIANTS[variant]), 1e-4)
+
+
+def test_miras_triton_interpreted(run_interpreted):
+    """CPU session: run the Triton cases above under TRITON_INTERPRET=1 in a child process."""
+    code, out = run_interpreted(__file__, "miras_triton_matches or miras_triton_inference")
+    assert code == 0, out[-4000:]
+    assert " passed" in out and "skipped" not in out and "failed" not in out, out[-2000:]
+
+
+def _only_titans_on_triton(monkeypatch):
+    """Make ``auto`` resolve to Triton here (as on CUDA) and the kernels implement ℓ2/none only."""
+    module = sys.modules["memlm.kernels.deep_memory"]
+    monkeypatch.setattr(module, "resolve_backend", lambda backend, ref: "triton")
+    monkeypatch.setattr(module, "TRITON_HOOKS", (("l2", "none"),))
+
+
+def test_auto_falls_back_for_pairs_triton_lacks(monkeypatch):
+    """A (bias, retention) pair outside ``TRITON_HOOKS`` runs on the torch chunked path under ``auto``."""
+    _only_titans_on_triton(monkeypatch)
+    x = inputs("moneta", L2)
+    args = [x[n] for n in ("q", "k", "v", "lr", "momentum", "forget")] + [x["weights"]]
+    kw = dict(chunk_size=8, output_final_state=True, **VARIANTS["moneta"])
+    o, (W, S) = deep_memory(*args, **kw)
+    o_ref, (W_ref, S_ref) = deep_memory_chunk(*args, **kw)
+    for a, b in zip([o, *W, *S], [o_ref, *W_ref, *S_ref]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_triton_rejects_pairs_it_lacks(monkeypatch):
+    """backend='triton' with a pair outside ``TRITON_HOOKS`` raises, listing the supported pairs."""
+    _only_titans_on_triton(monkeypatch)
+    x = inputs("softmax", L2)
+    args = [x[n].float() for n in ("q", "k", "v", "lr", "momentum", "forget")]
+    with pytest.raises(ValueError, match=r"backend='triton' implements bias='l2' with retention in \('none',\); "
+                                         r"got bias='l2', retention='softmax'"):
+        deep_memory(*args, [w.float() for w in x["weights"]], backend="triton", **VARIANTS["softmax"])
+
+
+@pytest.mark.parametrize("gate", ["forget", "delta"])
+def test_triton_path_rejects_channel_wise_gates(gate):
+    """Called directly, the Triton path rejects channel-wise gates (the public op routes them to torch)
+    before any launch."""
+    x = inputs("huber", L2)
+    x[gate] = x[gate][..., None].expand(*x[gate].shape, 16)
+    args = [x[n] for n in ("q", "k", "v", "lr", "momentum", "forget")]
+    message = rf"{gate}: the Triton path takes per-head gates \[B, T, H\], got \[2, 21, 1, 16\]"
+    with pytest.raises(ValueError, match=message):
+        deep_memory_triton(*args, x["weights"], chunk_size=8, residual=True, norm=True, activation="gelu",
+                           initial_momentum=None, output_final_state=False, cu_seqlens=None, delta=x["delta"],
+                           **VARIANTS["huber"])
