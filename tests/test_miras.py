@@ -148,3 +148,18 @@ def test_tiny_miras_train_with_falling_loss(tmp_path: Path, tiny_overrides, pres
     rows = [r for r in read_jsonl(tmp_path / "t" / "metrics.jsonl") if "loss" in r]
     assert summary["skipped_steps"] == 0 and math.isfinite(summary["val_loss"])
     assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5
+
+
+@pytest.mark.parametrize("retention", ["none", "lq_norm", "softmax"])
+@pytest.mark.parametrize("bias", ["l2", "lp", "huber", "dot"])
+def test_every_bias_retention_combination_builds_and_runs(bias: str, retention: str) -> None:
+    """Any consistent combination builds: each (bias, retention) pair with momentum, channel-wise gates
+    and a matrix (depth 1) memory gives finite logits and gradients."""
+    spec = {"name": "titans_memory", "chunk_size": 4, "bias": bias, "retention": retention, "gates": "channel",
+            "gate_rank": 4, "depth": 1, "residual": False, "memory_norm": False}
+    model = MemLMForCausalLM(_config(mixer=spec))
+    ids = torch.randint(0, 50, (2, 10))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -114,7 +114,7 @@ class NeuralMemory(Mixer):
             """Known choices with valid parameters, and no two options claiming the same kernel hook."""
             choices = {"bias": (self.bias, BIASES), "retention": (self.retention, RETENTIONS)}
             for kind, (name, table) in choices.items():
-                public = sorted(n for n in table if n not in ("l2_clip", "max_norm"))
+                public = sorted(n for n in table if n not in {hook for _, _, hook, _ in SAFEGUARDS.values()})
                 if name not in public:
                     raise ValueError(f"{kind} must be one of {public}, got {name!r}")
                 check_hook_parameters(kind, name, getattr(self, f"{kind}_params"))

@@ -1,6 +1,6 @@
 """Titans MAG, memory as a gate (arXiv 2501.00663 §4.2, eqs. 26–28): sliding-window attention
 (with persistent memory) and the neural memory read the same input in parallel;
-``o = norm(y_attn) ⊙ σ(norm(y_mem))``."""
+``o = W_O(y_attn ⊙ σ(norm(y_mem)))`` (the gate: ``layers/norm.py``)."""
 
 from __future__ import annotations
 
