@@ -23,5 +23,8 @@ def test_two_process_cpu_run(tmp_path: Path, tiny_overrides) -> None:
     rows = [r for r in read_jsonl(tmp_path / "t" / "metrics.jsonl") if "loss" in r]
     assert [r["tokens_seen"] for r in rows] == [2 * 4 * 64 * s for s in range(1, 7)]  # two processes' rows
     assert (tmp_path / "t" / "hf" / "model.safetensors").exists()
-    assert [p.name for p in sorted((tmp_path / "t" / "checkpoints").iterdir())] == ["step_00000003",
-                                                                                      "step_00000006"]
+    checkpoints = sorted((tmp_path / "t" / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step_00000003", "step_00000006"]
+    for ckpt in checkpoints:  # both processes' RNG states made it in before the folder was renamed
+        assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                           "random_states_1.pkl"]

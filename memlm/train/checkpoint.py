@@ -44,6 +44,9 @@ def save(accelerator: Accelerator, run_dir: Path, step: int, model_config: dict[
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # save_state returns without a barrier: every process writes its own RNG file, and renaming the
+    # folder before they finish loses that file and lets a late process re-create ``.tmp``
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
         if final.exists():
