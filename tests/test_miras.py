@@ -90,6 +90,7 @@ CHOICES = {  # one Miras choice changed from BASE (ℓ2 bias, no retention map, 
     "per-head gates": {"gates": "head"},
     "matrix memory": {"depth": 1, "residual": False, "memory_norm": False},
     "expansion 2": {"expansion": 2},
+    "no value norm": {"value_norm": False},
 }
 
 
