@@ -127,6 +127,7 @@ def test_lmm_solves_mqar() -> None:
 
     cfg = load_sweep_config(Path(__file__).resolve().parents[1] / "configs" / "probes" / "mqar_titans.yaml")
     cfg.mixers = [entry for entry in cfg.mixers if entry.label == "titans_lmm"]
+    assert len(cfg.mixers) == 1, "mqar_titans.yaml must hold one mixer labelled titans_lmm"
     record = run_mqar_sweep(cfg, progress=False)
     assert record["runs"][0]["mean_accuracy"] >= 0.95, record["table"]
 
