@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from memlm.models import MemLMConfig, ratio_pattern
 from memlm.train.config import CONFIG_DIR, ConfigError, load_config
@@ -85,3 +86,14 @@ def test_ratio_places_second_mixer_after_every_a_layers() -> None:
     explicit = MemLMConfig(vocab_size=10, hidden_size=16, num_hidden_layers=2, num_heads=2, ratio="1:1",
                            layers=["attention", {"name": "attention", "num_persistent": 2}])
     assert explicit.layer_specs()[1] == {"name": "attention", "num_persistent": 2}
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR / "probes").glob("mqar_*.yaml")), ids=lambda p: p.stem)
+def test_every_mqar_probe_config_builds_its_models(path: Path) -> None:
+    """Each mixer entry of each shipped MQAR sweep builds (on the meta device: no weights allocated)."""
+    from memlm.eval.mqar_sweep import build_mqar_model, load_sweep_config
+
+    cfg = load_sweep_config(path)
+    with torch.device("meta"):
+        for entry in cfg.mixers:
+            assert sum(p.numel() for p in build_mqar_model(cfg, entry, cfg.d_models[0]).parameters()) > 0

@@ -47,7 +47,7 @@ CASES: dict[str, dict] = {
     "moneta-h": {"ratio": "1:1", "mixer": {"name": "moneta", "chunk_size": 4, "gate_rank": 4},
                  "ratio_mixer": {"name": "attention", "window_size": 4}},
     "mac-yaad": {"mixer": {"name": "titans_mac", "segment_size": 6, "memory": {"name": "yaad", "chunk_size": 4},
-                           "attention": {"name": "attention", "num_persistent": 2}}},
+                           "attention": {"name": "attention", "num_persistent": 2}, "normalize_attention": True}},
 }
 
 

@@ -26,16 +26,21 @@ class NormalizedSigmoidGate(nn.Module):
     gates the other branch through a sigmoid, then the output projection (§4.4: normalisation and
     gating before the final output projection): ``W_O (y ⊙ σ(norm(m)))``.
 
-    The paper normalises ``y`` as well. In the tiny MAG that made training spike (gradient norms
-    10³–10⁵ within 120 steps, loss rising after step 50), while ``W_O (y ⊙ σ(norm(m)))`` trained as
-    smoothly as sliding-window attention alone, so ``y`` enters unnormalised. The output projection
-    keeps the mixer's output at the scale of the other mixers' projections; without it the gate
-    added an O(1) signal to the residual stream at initialisation."""
+    The paper normalises ``y`` as well (``normalize_y``: ``W_O (norm(y) ⊙ σ(norm(m)))``). Off by default:
+    the attention output starts near zero (RMS about 0.01), the norm divides its gradient by that, and
+    the tiny MAG's gradient norms spiked to 10³–10⁵ within 120 language-model steps. On MQAR at lr 1e-3
+    the normalised form is the one whose memory branch learns (MAG 92.7% against 28.2%; BENCHMARKS.md):
+    with ``y`` unnormalised the memory's gradient is scaled by the small ``y``. The output projection keeps
+    the mixer's output at the scale of the other mixers' projections; without it the gate added an O(1)
+    signal to the residual stream at initialisation."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, normalize_y: bool = False) -> None:
         super().__init__()
+        self.y_norm = nn.RMSNorm(hidden_size, eps=eps) if normalize_y else None
         self.m_norm = nn.RMSNorm(hidden_size, eps=eps)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
     def forward(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        if self.y_norm is not None:
+            y = self.y_norm(y)
         return self.o_proj(y * torch.sigmoid(self.m_norm(m)))

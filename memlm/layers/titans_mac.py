@@ -39,6 +39,7 @@ class MemoryAsContext(Mixer):
         segment_size: int = 512
         memory: dict[str, Any] = field(default_factory=lambda: {"name": "titans_memory"})
         attention: dict[str, Any] = field(default_factory=lambda: {"name": "attention"})
+        normalize_attention: bool = False  # the paper's gate: RMS-normalise the attention output y too
 
         def validate(self) -> None:
             if self.segment_size < 1:
@@ -55,7 +56,7 @@ class MemoryAsContext(Mixer):
         self.memory = build_mixer(opts.memory, hidden_size, config, where="titans_mac.memory")
         self.attention = build_mixer(opts.attention, hidden_size, config, where="titans_mac.attention")
         self.memory_norm = nn.RMSNorm(hidden_size, eps=config.norm_eps)
-        self.gate = NormalizedSigmoidGate(hidden_size, eps=config.norm_eps)
+        self.gate = NormalizedSigmoidGate(hidden_size, eps=config.norm_eps, normalize_y=opts.normalize_attention)
 
     def state_size(self, seq_len: int) -> int:
         kept = min(seq_len, self.segment_size)

@@ -1,9 +1,11 @@
 """Titans MAG, memory as a gate (arXiv 2501.00663 §4.2, eqs. 26–28): sliding-window attention
 (with persistent memory) and the neural memory read the same input in parallel;
-``o = W_O(y_attn ⊙ σ(norm(y_mem)))`` (the gate: ``layers/norm.py``)."""
+``o = W_O(y_attn ⊙ σ(norm(y_mem)))``, or the paper's ``W_O(norm(y_attn) ⊙ σ(norm(y_mem)))`` with
+``normalize_attention`` (the gate: ``layers/norm.py``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,9 +17,13 @@ from memlm.layers.registry import register_mixer
 
 @register_mixer("titans_mag")
 class MemoryAsGate(MemoryAttentionMixer):
-    def __init__(self, hidden_size: int, config: Any, opts: MemoryAttentionOptions) -> None:
+    @dataclass
+    class Options(MemoryAttentionOptions):
+        normalize_attention: bool = False  # the paper's gate: RMS-normalise the attention branch too
+
+    def __init__(self, hidden_size: int, config: Any, opts: Options) -> None:
         super().__init__(hidden_size, config, opts)
-        self.gate = NormalizedSigmoidGate(hidden_size, eps=config.norm_eps)
+        self.gate = NormalizedSigmoidGate(hidden_size, eps=config.norm_eps, normalize_y=opts.normalize_attention)
 
     def forward(
         self, x: torch.Tensor, state: Any | None = None, use_cache: bool = False, cu_seqlens: torch.Tensor | None = None
