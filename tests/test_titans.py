@@ -146,7 +146,7 @@ def test_tiny_titans_train_with_falling_loss(tmp_path: Path, tiny_overrides, mix
 def test_lmm_solves_mqar() -> None:
     """A tiny LMM (2 layers, d_model 128, 2 heads) reaches ≥ 95% MQAR accuracy at sequence length 64 with 4
     key–value pairs: the LMM entry of configs/probes/mqar_titans.yaml at its first learning rate (vocabulary 64,
-    at most 600 steps at lr 1e-3). On 2026-11-23 it stopped early at 99.0% after 400 steps (8 min on a busy
+    at most 600 steps at lr 1e-3). On 2026-11-23 it stopped early at 99.0% after 400 steps (8–9 min on a busy
     2-core CPU); seed 1 gave 99.5% after 350 steps."""
     from memlm.eval.mqar_sweep import load_sweep_config, run_mqar_sweep
 
