@@ -17,7 +17,8 @@ chunk-start weights, so the backward differentiates it (second order through φ 
 :func:`_keys_vjp`). Everything runs chunk by chunk on ``[NH, b, ·]`` blocks: chunk-batched temporaries
 would be fresh memory on every call, which costs more on CPU than the per-chunk calls they save.
 The LayerNorms use PyTorch's fused kernels (``native_layer_norm`` and its backward); φ and its
-vector-Jacobian product are :mod:`.mlp`'s.
+vector-Jacobian product are :mod:`.mlp`'s. On CPU the same loop runs compiled when it can be built
+(``cpu_dual_form.cpp``, :mod:`.cpu_kernel`); this module's loop is the fallback and the reference it is tested against.
 
 Layout: chunk-major, ``[C, NH, …]`` (C chunks, NH = sequences × heads).
 """
@@ -30,6 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .cpu_kernel import dual_form_kernel
 from .mlp import ACTIVATIONS, LN_EPS, Linear
 from .objectives import l2_bias
 
@@ -294,6 +296,14 @@ class DualFormChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, mlp: dict, q, k, v, *coefficients_and_state):
+        ctx.mlp, ctx.kernel = mlp, dual_form_kernel(q, mlp["activation"])
+        if ctx.kernel is not None:  # the same loop compiled (cpu_dual_form.cpp)
+            rows = [t.contiguous() for t in (q, k, v, *coefficients_and_state[:8])]
+            state = coefficients_and_state[8:]
+            depth = mlp["depth"]
+            o, *final, tape = ctx.kernel.forward(rows, state[:depth], state[depth:], mlp["residual"], mlp["norm"])
+            ctx.save_for_backward(*rows, tape)
+            return o, *final
         coef, state = _coefficients(*coefficients_and_state[:8]), coefficients_and_state[8:]
         q, k, v = (t.contiguous() for t in (q, k, v))
         depth = mlp["depth"]
@@ -308,7 +318,7 @@ class DualFormChunks(torch.autograd.Function):
                 _update(b, _scaled(x, Gn), err, decay, d_end) for b, x, err in zip(blocks, keys.trace.inputs, keys.err)
             ]
         # every chunk's tape has one structure: save the leaves, rebuild chunk by chunk in the backward
-        ctx.mlp, ctx.skeleton = mlp, _skeleton(tapes[0])
+        ctx.skeleton = _skeleton(tapes[0])
         ctx.save_for_backward(*coef, *(leaf for tape in tapes for leaf in _leaves(tape)))
         return torch.stack(outputs), *[b[:, 0].clone() for b in blocks], *[b[:, 1].clone() for b in blocks]
 
@@ -316,6 +326,10 @@ class DualFormChunks(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, do: torch.Tensor, *d_final: torch.Tensor):
         mlp, depth = ctx.mlp, ctx.mlp["depth"]
+        if ctx.kernel is not None:
+            *rows, tape = ctx.saved_tensors
+            dW, dS = [g.contiguous() for g in d_final[:depth]], [g.contiguous() for g in d_final[depth:]]
+            return None, *ctx.kernel.backward(rows, tape, do, dW, dS, mlp["residual"], mlp["norm"])
         coef, leaves = Coefficients(*ctx.saved_tensors[:5]), iter(ctx.saved_tensors[5:])
         tapes = [_rebuild(ctx.skeleton, leaves) for _ in range(do.shape[0])]
         carry = [torch.stack([dw, ds], 1) for dw, ds in zip(d_final[:depth], d_final[depth:])]
