@@ -5,7 +5,8 @@ chunk 16, batch 1; forward + backward of ``output.sum()``; the two run alternate
 process and the median of ``--repeats`` runs is reported. On CPU the process CPU time is reported
 beside the wall-clock time: on a shared machine it does not count the time the process waits for a
 core. titans-pytorch (PyPI) is installed beside memlm for this script only
-(``pip install -c constraints-cpu.txt -e '.[bench]'``).
+(``pip install -c constraints-cpu.txt -e '.[bench]'``). On CPU memlm runs its compiled chunk loop
+(``MEMLM_CPU_KERNEL=0`` measures the PyTorch loop instead).
 
     python benchmarks/titans_vs_titans_pytorch.py [--lengths 1024 2048 4096] [--repeats 5]
 """
@@ -20,6 +21,7 @@ import time
 
 import torch
 
+from memlm.kernels.deep_memory.cpu_kernel import dual_form_kernel
 from memlm.layers.registry import build_mixer
 from memlm.models import MemLMConfig
 
@@ -72,13 +74,15 @@ def main() -> None:
     import titans_pytorch  # noqa: F401  (fail early with a clear ImportError)
 
     cpu = platform.processor() or platform.machine()
+    probe = torch.zeros(1, device=device)
+    loop = "compiled CPU kernel" if dual_form_kernel(probe, "gelu") is not None else "PyTorch loop"
     print(
         f"# Titans LMM mixer vs titans-pytorch NeuralMemory — {datetime.date.today()}, {args.device} ({cpu}, "
         f"{torch.get_num_threads()} threads), torch {torch.__version__}, titans-pytorch {version('titans-pytorch')}"
     )
     print(
         f"dim {DIM}, heads {HEADS}, depth {DEPTH}, expansion {EXPANSION}, chunk {CHUNK}, B=1, fwd+bwd, "
-        f"median of {args.repeats}\n"
+        f"median of {args.repeats}; memlm's chunk loop: {loop if device.type == 'cpu' else 'Triton'}\n"
     )
     clocks = ["wall"] + (["CPU"] if device.type == "cpu" else [])
     print("| T | " + " | ".join(f"memlm {c} ms | titans-pytorch {c} ms | speed-up ({c})" for c in clocks) + " |")

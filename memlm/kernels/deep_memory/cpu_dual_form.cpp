@@ -4,7 +4,7 @@
 // sequence-head runs its whole chunk loop on raw row-major blocks: the products go straight to BLAS
 // (sgemm_/dgemm_, b = 16 rows each), the elementwise parts (GELU and its derivatives, the affine-free
 // LayerNorm, the row scalings) are plain loops, erf and exp are vectorised (MKL VML). No tensor is
-// allocated inside the loop, and the heads run in parallel (at::parallel_for).
+// allocated inside the loop, and the heads run in parallel (at::parallel_for, OpenMP).
 //
 // Layout (chunk-major, as DualFormChunks): q, k, v, o [C, NH, b, D]; β, d, G_b, n_b [C, NH, b];
 // G [C, NH, b, b]; β_b, d_b, m_b [C, NH]; a layer's state P_l = [W_l ; S_l] [NH, 2 d_{l-1}, d_l].
@@ -26,6 +26,7 @@ void vsErf(int, const float*, float*);
 void vdErf(int, const double*, double*);
 void vsExp(int, const float*, float*);
 void vdExp(int, const double*, double*);
+int MKL_Set_Num_Threads_Local(int);
 }
 
 namespace {
@@ -180,12 +181,12 @@ struct Options {
 // Per-thread scratch, sized for the widest layer.
 template <typename T>
 struct Scratch {
-  std::vector<T> z, erf_buf, exp_buf, wide, A, small;
+  std::vector<T> z, erf_buf, exp_buf, wide, A;
   explicit Scratch(const Tape& t) {
     int widest = 0;
     for (int d : t.dims) widest = std::max(widest, d);
     const int64_t n = int64_t(t.b) * widest;
-    z.resize(n), erf_buf.resize(n), exp_buf.resize(n), wide.resize(2 * n), A.resize(t.b * t.b), small.resize(4 * t.b);
+    z.resize(n), erf_buf.resize(n), exp_buf.resize(n), wide.resize(2 * n), A.resize(t.b * t.b);
   }
 };
 
@@ -201,6 +202,17 @@ ChunkInputs<T> chunk_inputs(const std::vector<torch::Tensor>& in, int64_t c, int
   auto p = [&](int i) { return in[i].data_ptr<T>(); };
   return {p(0) + row * D, p(1) + row * D, p(2) + row * D, p(3) + row,    p(4) + row,
           p(5) + row * b, p(9) + row,     p(10) + row,    p(6)[c * NH + n], p(7)[c * NH + n], p(8)[c * NH + n]};
+}
+
+// Runs body(lo, hi) over the heads [0, NH) in parallel, each thread with single-threaded BLAS: the products have 16
+// rows, too small to split further.
+template <typename F>
+void over_heads(int64_t NH, const F& body) {
+  at::parallel_for(0, NH, 1, [&](int64_t lo, int64_t hi) {
+    const int before = MKL_Set_Num_Threads_Local(1);
+    body(lo, hi);
+    MKL_Set_Num_Threads_Local(before);
+  });
 }
 
 // One chunk of one head: key pass at the start state P, dual-form read into o, chunk-end update into P_next.
@@ -458,7 +470,7 @@ std::vector<torch::Tensor> dual_form_forward(std::vector<torch::Tensor> in, std:
     state_view(tape[0], t, int(l) + 1).copy_(torch::cat({W[l], S[l]}, 1));
   }
   AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "dual_form_forward", [&] {
-    at::parallel_for(0, NH, 1, [&](int64_t lo, int64_t hi) {
+    over_heads(NH, [&](int64_t lo, int64_t hi) {
       Scratch<scalar_t> s(t);
       std::vector<const scalar_t*> P(t.L);
       std::vector<scalar_t*> P_next(t.L);
@@ -496,7 +508,7 @@ std::vector<torch::Tensor> dual_form_backward(std::vector<torch::Tensor> in, tor
   std::vector<torch::Tensor> dW0, dS0;
   for (size_t l = 0; l < dW.size(); ++l) dW0.push_back(torch::empty_like(dW[l])), dS0.push_back(torch::empty_like(dS[l]));
   AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "dual_form_backward", [&] {
-    at::parallel_for(0, NH, 1, [&](int64_t lo, int64_t hi) {
+    over_heads(NH, [&](int64_t lo, int64_t hi) {
       BackScratch<scalar_t> s(t);
       std::vector<const scalar_t*> P(t.L);
       for (int64_t n = lo; n < hi; ++n) {

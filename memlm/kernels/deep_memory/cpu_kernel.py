@@ -34,7 +34,7 @@ def _load() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    flags = ["-O3", "-fopenmp-simd", *(["-mavx2", "-mfma"] if vector else [])]
+    flags = ["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if vector else [])]
     try:
         return load(name="memlm_dual_form" + ("_avx2" if vector else ""), sources=[str(SOURCE)], extra_cflags=flags)
     except Exception as error:  # no compiler, no BLAS symbols: the PyTorch loop serves instead
