@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 
 from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
 
@@ -120,15 +121,18 @@ def test_matches_naive(loop, name):
     )
 
 
+def as_float32(x: dict) -> dict:
+    """The inputs of :func:`make_inputs` in float32, fresh leaves."""
+    cast = [t.detach().float().requires_grad_() for t in x["leaves"]]
+    n_w = len(x["args"][6])
+    s0 = cast[6 + n_w :] if x["s0"] is not None else None
+    return dict(args=(*cast[:6], cast[6 : 6 + n_w]), s0=s0, leaves=cast)
+
+
 def test_float32_matches_float64_naive(loop):
     cfg = CONFIGS["titans"]
     x64 = make_inputs(2, 37, 2, 16, **cfg)
-    x32 = {
-        "args": (*[t.detach().float().requires_grad_() for t in x64["args"][:6]],
-                 [w.detach().float().requires_grad_() for w in x64["args"][6]]),
-        "s0": [s.detach().float().requires_grad_() for s in x64["s0"]],
-    }  # fmt: skip
-    x32["leaves"] = [*x32["args"][:6], *x32["args"][6], *x32["s0"]]
+    x32 = as_float32(x64)
     (f32, g32), (f64, g64) = (
         outputs_and_grads(deep_memory_chunk, x32, chunk_size=8),
         outputs_and_grads(deep_memory_naive, x64, chunk_size=8),
@@ -179,20 +183,13 @@ def test_gelu_second_derivative():
     assert rel(function_module.gelu_second(z.detach()), second) < 1e-12
 
 
-def as_float32(x: dict) -> dict:
-    """The inputs of :func:`make_inputs` in float32, fresh leaves."""
-    cast = [t.detach().float().requires_grad_() for t in x["leaves"]]
-    n_w = len(x["args"][6])
-    s0 = cast[6 + n_w :] if x["s0"] is not None else None
-    return dict(args=(*cast[:6], cast[6 : 6 + n_w]), s0=s0, leaves=cast)
-
-
 @pytest.mark.parametrize("name", ["titans", "deep-norm", "linear"])
 def test_compiled_loop_matches_torch_loop(monkeypatch, name):
     """The compiled loop against the PyTorch loop at the mixers' chunk size (16), odd length, two heads: in float64
     to round-off; in float32 its errors against the float64 result are no larger than the PyTorch loop's. One
     rounding early in the recurrence sets a whole run's errors, so the ratio is a geometric mean over 6 inputs and
-    all outputs and gradients: ≤ 1.5 (measured 0.63 for deep-norm over 8 inputs), none above 10×."""
+    all outputs and gradients: ≤ 1.5 (measured 0.68 / 0.91 / 1.01 for titans / deep-norm / linear), none above 10×
+    (worst measured 4.8)."""
     require_kernel()
     cfg = CONFIGS[name]
     kw = dict(chunk_size=16, residual=cfg["residual"], norm=cfg["norm"])
@@ -215,12 +212,21 @@ def test_compiled_loop_matches_torch_loop(monkeypatch, name):
 
 
 def test_compiled_loop_fallback(monkeypatch):
-    """Where the kernel cannot be built the op warns once and runs the PyTorch loop; a wrong
-    MEMLM_CPU_KERNEL names the variable and the allowed values."""
-    monkeypatch.setattr(kernel_module, "_load", lambda: kernel_module.warnings.warn("unavailable") or None)
+    """Where the kernel cannot be built the op warns and runs the PyTorch loop; a wrong MEMLM_CPU_KERNEL names
+    the variable and the allowed values."""
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    kernel_module._load.cache_clear()
     x = make_inputs(1, 9, 2, 4, **CONFIGS["titans"])
-    with pytest.warns(UserWarning, match="unavailable"):
-        fallback = outputs_and_grads(deep_memory_chunk, x, chunk_size=4)
+    try:
+        with pytest.warns(UserWarning, match=r"kernel is unavailable \(RuntimeError: no C\+\+ compiler\); using"):
+            fallback = outputs_and_grads(deep_memory_chunk, x, chunk_size=4)
+        assert kernel_module.dual_form_kernel(x["leaves"][0], "gelu") is None
+    finally:
+        kernel_module._load.cache_clear()  # later tests load the real kernel again
     monkeypatch.setattr(function_module, "dual_form_kernel", lambda *args: None)
     assert_close(fallback, outputs_and_grads(deep_memory_chunk, x, chunk_size=4), 1e-14)
     monkeypatch.setenv("MEMLM_CPU_KERNEL", "yes")

@@ -151,13 +151,14 @@ void scaled(const T* h, const T* c1, const T* c2, int rows, int n, T* out) {
 
 // Offsets of one chunk-head's tape inside the [C, NH, size] tape: the start state P_l and what the backward needs.
 struct Tape {
-  int b, L, D;
+  int b, L, D, widest = 0;  // widest: the largest d_l
   std::vector<int> dims;  // d_0 … d_L
   std::vector<int64_t> P, X, slope_k, second_k, back, err, H, slope_q, hx;  // per layer index (unused ones −1)
   int64_t psi, y_k, rstd_k, y_q, rstd_q, size = 0;
 
   Tape(int b_, const std::vector<int>& dims_, bool norm) : b(b_), L(int(dims_.size()) - 1), D(dims_[0]), dims(dims_) {
     auto take = [&](int64_t n) { int64_t at = size; size += n; return at; };
+    for (int d : dims) widest = std::max(widest, d);
     for (auto* v : {&P, &X, &slope_k, &second_k, &back, &err, &H, &slope_q, &hx}) v->assign(L + 1, -1);
     for (int l = 1; l <= L; ++l) {
       P[l] = take(2 * int64_t(dims[l - 1]) * dims[l]);
@@ -183,9 +184,7 @@ template <typename T>
 struct Scratch {
   std::vector<T> z, erf_buf, exp_buf, wide, A;
   explicit Scratch(const Tape& t) {
-    int widest = 0;
-    for (int d : t.dims) widest = std::max(widest, d);
-    const int64_t n = int64_t(t.b) * widest;
+    const int64_t n = int64_t(t.b) * t.widest;
     z.resize(n), erf_buf.resize(n), exp_buf.resize(n), wide.resize(2 * n), A.resize(t.b * t.b);
   }
 };
@@ -290,15 +289,13 @@ struct BackScratch {
   std::vector<T> dz, dh, d_err, dy, wide, wide2, E, A, d_back;
   explicit BackScratch(const Tape& t) {
     const int b = t.b, L = t.L;
-    int widest = 0;
-    for (int d : t.dims) widest = std::max(widest, d);
     for (auto* v : {&carry, &spare, &dZ, &AdZ, &a, &e, &GE}) v->resize(L + 1);
     for (int l = 1; l <= L; ++l) {
       const int din = t.dims[l - 1], dout = t.dims[l];
       carry[l].resize(2 * int64_t(din) * dout), spare[l].resize(2 * int64_t(din) * dout);
       dZ[l].resize(b * dout), AdZ[l].resize(b * dout), a[l].resize(b * dout), e[l].resize(b * din), GE[l].resize(b * b);
     }
-    const int64_t n = int64_t(b) * widest;
+    const int64_t n = int64_t(b) * t.widest;
     dz.resize(n), dh.resize(n), d_err.resize(n), dy.resize(n), wide.resize(2 * n), wide2.resize(2 * n), d_back.resize(n);
     E.resize(b * b), A.resize(b * b);
   }
