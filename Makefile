@@ -1,30 +1,51 @@
 # memlm: `make train` (embedded default pretraining on CPU) and `make test`.
-# The virtual environment is created on first use. On a machine without a CUDA driver the
-# install is pinned by constraints-cpu.txt (CPU torch, no multi-GB CUDA wheels); with a
-# driver, the venv sees the system's own torch (--system-site-packages) and keeps it.
+#
+# The virtual environment is created on first use from requirements.lock: every package pinned to
+# one version and checked against its sha256 (`pip --require-hashes`). The lock holds the CPU build
+# of torch 2.13.0. On a machine with a CUDA driver the venv sees the system's own torch
+# (--system-site-packages) and installs the same pins minus torch and triton (the CUDA torch brings
+# the triton it was built with). `make lock` regenerates the lock from pyproject's ranges.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+LOCK   := requirements.lock
+# Where pip finds the CPU build of torch (`torch-2.13.0+cpu`): this disk's wheel folder here;
+# elsewhere set PIP_FIND_LINKS or PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
+TORCH_CPU    := 2.13.0+cpu
+TORCH_WHEELS ?= /opt/wheels
+UV_VERSION   := 0.13.9
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(HAS_CUDA),1)
-VENV_FLAGS  := --system-site-packages
-CONSTRAINTS :=
+VENV_FLAGS   := --system-site-packages
+LOCK_FILTER  := awk '/^(torch|triton)==/{skip=1;next} /^[^ ]/{skip=0} !skip'
 else
-VENV_FLAGS  :=
-CONSTRAINTS := -c constraints-cpu.txt
+VENV_FLAGS   :=
+LOCK_FILTER  := cat
 endif
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: venv train test test-slow test-gpu test-all lint bench clean
+.PHONY: venv lock train test test-slow test-gpu test-all test-compat lint bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[dev]'
+	$(LOCK_FILTER) $(LOCK) > $(VENV)/requirements.txt
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(VENV)/requirements.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# One exact, hashed set of versions from pyproject's ranges (Python 3.11, x86-64 Linux).
+lock:
+	test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q uv==$(UV_VERSION))
+	echo 'torch==$(TORCH_CPU)' > .venv-lock/torch.txt
+	.venv-lock/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --upgrade \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --find-links $(TORCH_WHEELS) --override .venv-lock/torch.txt \
+	  --custom-compile-command 'make lock' -o $(LOCK)
 
 # Rerunning continues (or re-reports) the same run; `rm -rf runs/tiny` starts over.
 train: $(STAMP)
@@ -42,6 +63,11 @@ test-gpu: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
 
+# The lowest and the newest releases that pyproject allows of transformers, accelerate and datasets,
+# each in a throwaway venv over the lock, running the model, generation, loading and training tests.
+test-compat: $(STAMP)
+	$(BIN)/python tools/compat.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -49,4 +75,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/kernels.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-lock .venv-compat-* runs .pytest_cache

@@ -17,8 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = "\n".join(f"  {name:<14}{help_}" for name, (_, help_) in COMMANDS.items())
-        print(f"usage: memlm <command> [args]\n\ncommands:\n{lines}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        usage = f"usage: memlm <command> [args]\n\ncommands:\n{lines}"
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)
+            return 0
+        problem = f"unknown command {argv[0]!r}" if argv else "a command is required"
+        print(f"{usage}\n\nmemlm: error: {problem} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 

@@ -36,7 +36,7 @@ def _tiny_overrides(corpus: Path, run_dir: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_overrides(corpus_dir: Path):
     """``tiny_overrides(run_dir, **extra)``: dotted overrides for a seconds-long CPU run."""
     return lambda run_dir, **extra: _tiny_overrides(corpus_dir, run_dir, **extra)

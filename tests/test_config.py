@@ -66,6 +66,7 @@ def test_missing_config_file() -> None:
         ({"mixer": {"name": "attention", "window_size": "big"}}, "wrong type"),
         ({"mixer": {"name": "attention", "window_size": 0}}, "window_size"),
         ({"ratio": "3-1"}, "ratio must look like"),
+        ({"ratio": "3:0"}, "b >= 1"),
         ({"layers": [{"name": "attention"}]}, "num_hidden_layers"),
         ({"hidden_size": 0}, "hidden_size"),
     ],
@@ -79,7 +80,7 @@ def test_bad_model_config(kwargs: dict, needle: str) -> None:
 def test_ratio_places_second_mixer_after_every_a_layers() -> None:
     assert [i for i, b in enumerate(ratio_pattern("3:1", 12)) if b] == [3, 7, 11]
     assert [i for i, b in enumerate(ratio_pattern("6:1", 14)) if b] == [6, 13]
-    assert not any(ratio_pattern("1:0", 4))
+    assert all(ratio_pattern("0:1", 4))
     cfg = MemLMConfig(vocab_size=10, hidden_size=16, num_hidden_layers=4, num_heads=2, ratio="1:1",
                       mixer={"name": "attention", "window_size": 8}, ratio_mixer="attention")
     assert [s.get("window_size") for s in cfg.layer_specs()] == [8, None, 8, None]
@@ -97,3 +98,16 @@ def test_every_mqar_probe_config_builds_its_models(path: Path) -> None:
     with torch.device("meta"):
         for entry in cfg.mixers:
             assert sum(p.numel() for p in build_mqar_model(cfg, entry, cfg.d_models[0]).parameters()) > 0
+
+
+def test_ratio_as_the_readme_writes_it(tmp_path: Path) -> None:
+    """``model.ratio=3:1`` on the command line and ``ratio: 3:1`` unquoted in YAML stay ``"3:1"``
+    (YAML 1.1 would read the base-60 number 181); YAML numbers still parse (``1e-3`` is a float)."""
+    assert load_config(None, ["name=x", "model.ratio=3:1"]).model.ratio == "3:1"
+    assert load_config(None, ["name=x", 'model.ratio="3:1"']).model.ratio == "3:1"
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("name: x\nmodel:\n  ratio: 3:1\n  mixer: gated_deltanet\noptimizer:\n  lr: 1e-3\n")
+    cfg = load_config(run_file)
+    assert cfg.model.ratio == "3:1" and cfg.optimizer.lr == 1e-3
+    assert cfg.model.mixer == {"name": "gated_deltanet"}
+    assert load_config(None, ["name=x", "model.mixer=attention"]).model.mixer == {"name": "attention"}

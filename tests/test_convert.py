@@ -1,15 +1,15 @@
 """Loading flash-linear-attention checkpoints with ``memlm.from_pretrained`` / ``memlm convert``.
 
-Equivalence with the real library: each case builds fla's own model class with a tiny config,
-saves it, loads it with memlm and compares logits (relative error ≤ 1e-4 in float32) and greedy
-generations. On CPU fla's kernels run only under ``TRITON_INTERPRET=1`` (float32, one autotune
-config, loop indices as tensors, fla's fused norm/MLP/loss off), so those cases run in a child
-process (``test_fla_equivalence_interpreted``); on CUDA they run directly (``gpu`` marker).
-fla's attention layer calls the ``flash_attn`` package, which has no CPU build: on CPU the hybrid
-and transformer cases substitute ``sdpa_flash_attn`` below for ``flash_attn_func`` (same masking:
-causal aligned bottom-right, window ``(w−1, 0)``); the GPU run uses flash_attn when installed.
-The loader tests run in the default session on checkpoints written by fla's classes (building
-them needs no kernel).
+Equivalence with the real library: each case builds fla's own model class with a tiny config, saves
+it, loads it with memlm and compares logits (relative error ≤ 1e-4 in float32) and memlm's
+``generate()`` with greedy decoding of fla's forward. On CPU fla's kernels run only under
+``TRITON_INTERPRET=1`` (float32, one autotune config, loop indices as tensors, fla's fused
+norm/MLP/loss off), so those cases run in a child process (``test_fla_equivalence_interpreted``); on
+CUDA they run directly (``gpu`` marker). fla's attention layer calls the ``flash_attn`` package,
+which has no CPU build: on CPU the hybrid and transformer cases substitute ``sdpa_flash_attn``
+(``memlm.testing.fla_models``) for ``flash_attn_func`` (same masking: causal aligned bottom-right,
+window ``(w−1, 0)``); the GPU run uses flash_attn when installed. The loader tests run in the
+default session on checkpoints written by fla's classes (building them needs no kernel).
 """
 
 from __future__ import annotations
@@ -23,107 +23,26 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import memlm
 from memlm.cli import main as cli_main
 from memlm.models import MemLMForCausalLM
 from memlm.models.convert import FORMATS, Format, convert_config, register_format
+from memlm.testing.fla_models import CASES, FLA_COMMON, VOCAB, fla_model
+from memlm.testing.triton_interpreter import interpret_fla
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-VOCAB = 64
 TOL = 1e-4
-
-FLA_COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "hidden_ratio": 2,
-              "fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": False}
-GDN = {"model_type": "gated_deltanet", "num_heads": 2, "head_dim": 16, "expand_v": 1.0}
-CASES: dict[str, dict] = {
-    "gated_deltanet": GDN,
-    "gated_deltanet-gva": {**GDN, "num_v_heads": 4, "expand_v": 0.5, "allow_neg_eigval": True,
-                           "use_gate": False},
-    "delta_net": {"model_type": "delta_net", "num_heads": 2},
-    "delta_net-gate-sum-relu": {"model_type": "delta_net", "num_heads": 2, "use_gate": True, "qk_norm": "sum",
-                                "qk_activation": "relu"},
-    "gla-fused-names": {"model_type": "gla", "num_heads": 2, "fuse_norm": True},
-    "gla-gqa-conv": {"model_type": "gla", "num_heads": 2, "num_kv_heads": 1, "use_short_conv": True},
-    "retnet-gqa": {"model_type": "retnet", "num_heads": 2, "num_kv_heads": 1},
-    "hgrn": {"model_type": "hgrn", "use_short_conv": True, "num_hidden_layers": 3},
-    "hgrn2": {"model_type": "hgrn2", "expand_ratio": 16, "num_hidden_layers": 3},
-    "mamba2": {"model_type": "mamba2", "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2,
-               "head_dim": 16, "state_size": 8},
-    "transformer": {"model_type": "transformer", "num_heads": 4, "num_kv_heads": 2, "qk_norm": True,
-                    "qkv_bias": True, "window_size": 5},
-    "hybrid-gdn-swa": {**GDN, "num_hidden_layers": 3,
-                       "attn": {"layers": [1], "num_heads": 4, "num_kv_heads": 2, "window_size": 4}},
-    "hybrid-hgrn2-list": {"model_type": "hgrn2", "expand_ratio": 16, "num_hidden_layers": 3,
-                          "attn": [{"layers": [0], "num_heads": 2},
-                                   {"layers": [2], "num_heads": 4, "qkv_bias": True, "rope_theta": 500.0}]},
-}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def sdpa_flash_attn(q, k, v, causal=True, window_size=(-1, -1), **_):
-    """``flash_attn_func`` semantics with SDPA: q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]``, causal mask
-    aligned to the last query (decoding), keys within ``window_size[0]`` positions back."""
-    Tq, Tk = q.shape[1], k.shape[1]
-    qi = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
-    kj = torch.arange(Tk, device=q.device)[None, :]
-    mask = kj <= qi
-    if window_size[0] >= 0:
-        mask &= (qi - kj) <= window_size[0]
-    k, v = (t.repeat_interleave(q.shape[2] // t.shape[2], 2).transpose(1, 2) for t in (k, v))
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask).transpose(1, 2)
-
-
-def _interpret_fla() -> None:
-    """Lift fla 0.6's two interpreter limits before its kernels are decorated: autotuning keeps one
-    config, and ``for`` loop indices become tensors (the AST rewrite of tests/kernels)."""
-    from triton.runtime import interpreter
-    from triton.runtime.autotuner import Autotuner
-
-    path = ROOT / "tests" / "kernels" / "test_linear_memory.py"
-    spec = importlib.util.spec_from_file_location("kernel_tests", path)
-    kernel_tests = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernel_tests)
-    if not getattr(Autotuner, "_one_config", False):
-        prune = Autotuner.prune_configs
-        Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
-        Autotuner._one_config = True
-        interpreter.ASTTransformer.visit_For = kernel_tests._tensor_loop_index
-
-
 if INTERPRETING:
-    _interpret_fla()
-
-
-def fla_model(case: str, device: str = "cpu") -> torch.nn.Module:
-    """fla's own model of ``case``, with every weight drawn so that no path is trivially zero."""
-    import fla.layers.attn
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if fla.layers.attn.flash_attn_func is None or device == "cpu":
-        fla.layers.attn.flash_attn_func = sdpa_flash_attn
-    kwargs = dict(CASES[case])
-    model_type = kwargs.pop("model_type")
-    common = {} if model_type == "mamba2" else FLA_COMMON
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**common, **kwargs}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("A_log", "dt_bias")):
-                continue
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            elif name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            else:  # biases, D, lower_bounds
-                p.normal_(0.0, 0.5)
-    return model.to(device).eval()
+    interpret_fla()
 
 
 @pytest.fixture
@@ -137,7 +56,7 @@ def fla_device() -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_fla_equivalence(case: str, fla_device: str, tmp_path: Path) -> None:
-    """memlm's model from fla's checkpoint computes fla's logits and greedy generations."""
+    """memlm's model from fla's checkpoint computes fla's logits, and generates fla's greedy tokens."""
     reference = fla_model(case, fla_device)
     reference.save_pretrained(tmp_path)
     model = memlm.from_pretrained(tmp_path, device=fla_device)
@@ -148,9 +67,17 @@ def test_fla_equivalence(case: str, fla_device: str, tmp_path: Path) -> None:
         assert rel(got, expected) < 2e-3, case
         return
     assert rel(got, expected) < TOL, case
-    prompt, eos = ids[:, :5], reference.config.eos_token_id
-    greedy = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": eos}
-    assert torch.equal(model.generate(prompt, **greedy), reference.generate(prompt, **greedy))
+    # fla 0.6's own generate() reads its cache as ``past_key_values``, which transformers >= 5.24 passes
+    # as ``cache``: it decodes without state. The reference is greedy decoding of fla's full forward.
+    prompt = ids[:, :5]
+    expected_tokens = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            next_token = reference(expected_tokens).logits[:, -1].argmax(-1, keepdim=True)
+            expected_tokens = torch.cat([expected_tokens, next_token], dim=1)
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                               pad_token_id=reference.config.eos_token_id)
+    assert torch.equal(generated, expected_tokens)
 
 
 def test_fla_equivalence_interpreted() -> None:
@@ -379,3 +306,26 @@ def test_memlm_checkpoints_load_as_saved(tmp_path: Path) -> None:
     loaded = memlm.from_pretrained(tmp_path, dtype="float32")
     ids = torch.randint(0, VOCAB, (2, 7))
     assert torch.equal(model.eval()(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.parametrize("loader", ["memlm.from_pretrained", "AutoModelForCausalLM"])
+def test_memlm_checkpoint_that_does_not_fit_stops_the_load(loader: str, tmp_path: Path) -> None:
+    """A deleted, an extra and a reshaped tensor are listed together; nothing is initialised afresh."""
+    from transformers import AutoModelForCausalLM
+
+    from memlm.models import MemLMConfig
+
+    MemLMForCausalLM(MemLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=4)).save_pretrained(
+        tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.0.attn.q_proj.weight"]
+    tensors["model.extra.weight"] = torch.zeros(2)
+    tensors["model.norm.weight"] = torch.ones(5)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    load = memlm.from_pretrained if loader == "memlm.from_pretrained" else AutoModelForCausalLM.from_pretrained
+    with pytest.raises(ValueError) as err:
+        load(tmp_path)
+    message = str(err.value)
+    assert "missing tensors (1): model.layers.0.attn.q_proj.weight" in message
+    assert "unexpected tensors (1): model.extra.weight" in message
+    assert "shape mismatches (1): model.norm.weight [5] (model: [32])" in message

@@ -1,4 +1,5 @@
-"""A 2-process CPU run through ``accelerate launch`` completes (gloo backend)."""
+"""A 2-process CPU run through ``accelerate launch`` completes (gloo backend), with the
+learning-rate schedule of a 1-process run, and its checkpoint is not resumed by 1 process."""
 
 from __future__ import annotations
 
@@ -7,11 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from memlm.train.checkpoint import CheckpointError
+from memlm.train.config import load_config
 from memlm.train.metrics import read_jsonl
+from memlm.train.trainer import train
 
 
 def test_two_process_cpu_run(tmp_path: Path, tiny_overrides) -> None:
-    overrides = tiny_overrides(tmp_path, **{"training.steps": 6, "checkpoint.every": 3, "logging.val_every": 3})
+    extra = {"training.steps": 6, "checkpoint.every": 3, "logging.val_every": 3, "schedule.warmup_steps": 2}
+    overrides = tiny_overrides(tmp_path, **extra)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "memlm.train",
@@ -28,3 +35,10 @@ def test_two_process_cpu_run(tmp_path: Path, tiny_overrides) -> None:
     for ckpt in checkpoints:  # both processes' RNG states made it in before the folder was renamed
         assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl",
                                                                            "random_states_1.pkl"]
+
+    # one scheduler step per optimizer step: the same lr at every step as one process
+    train(load_config(None, tiny_overrides(tmp_path / "one", **extra)))
+    one = [r["lr"] for r in read_jsonl(tmp_path / "one" / "t" / "metrics.jsonl") if "loss" in r]
+    assert [r["lr"] for r in rows] == one
+    with pytest.raises(CheckpointError, match="processes: checkpoint 2 vs now 1"):
+        train(load_config(None, tiny_overrides(tmp_path, **{**extra, "training.steps": 8, "checkpoint.resume": True})))

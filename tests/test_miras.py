@@ -1,6 +1,7 @@
 """Miras (arXiv 2504.13173): Moneta, Yaad and Memora as mixers — chunk size 1 equals per-token online
 GD on each stated objective, every choice changes the output, inconsistent combinations fail, the
-tiny models train. (Causality, decoding == parallel, generate and save/load: test_model_contract.py.)"""
+tiny models train. (Causality, decoding == parallel and save/load: test_model_contract.py;
+generate: test_generation.py.)"""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import memory_fn
 
 from memlm.layers.neural_memory import NeuralMemory
 from memlm.layers.registry import build_mixer
 from memlm.models import MemLMConfig, MemLMForCausalLM
+from memlm.testing.reference import memory_fn
 from memlm.train.config import load_config
 from memlm.train.metrics import read_jsonl
 from memlm.train.trainer import train

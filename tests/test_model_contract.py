@@ -1,6 +1,6 @@
-"""The contract every model obeys, for every mixer spec in ``CASES``:
-causality, step-by-step decoding == parallel forward, generate == greedy argmax, save → load
-bit-exact. A new mixer joins by adding its spec here."""
+"""The contract every model obeys, for every mixer spec in ``memlm.testing.models.CASES``:
+causality, step-by-step decoding == parallel forward, save → load bit-exact. A new mixer joins by
+adding its spec there. (Generation through transformers' ``generate``: test_generation.py.)"""
 
 from __future__ import annotations
 
@@ -10,52 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from memlm.models import MemLMConfig, MemLMForCausalLM
-
-VOCAB = 61
-CASES: dict[str, dict] = {
-    "attention": {"mixer": {"name": "attention"}},
-    "gqa": {"mixer": {"name": "attention", "num_heads": 4, "num_kv_heads": 2}},
-    "window": {"mixer": {"name": "attention", "window_size": 5}},
-    "persistent": {"mixer": {"name": "attention", "num_persistent": 3}},
-    "window+persistent": {"mixer": {"name": "attention", "window_size": 4, "num_persistent": 2}},
-    "hybrid-1:1": {"ratio": "1:1", "mixer": {"name": "attention", "window_size": 3}, "ratio_mixer": "attention"},
-    "gated_deltanet": {"mixer": {"name": "gated_deltanet"}},
-    "gdn-gva-plain": {"mixer": {"name": "gated_deltanet", "num_v_heads": 8, "use_short_conv": False,
-                                "use_gate": False}},
-    "delta_net": {"mixer": {"name": "delta_net", "use_gate": True}},
-    "gla": {"mixer": {"name": "gla", "num_kv_heads": 2, "use_short_conv": True}},
-    "retnet": {"mixer": {"name": "retnet"}},
-    "hgrn": {"mixer": {"name": "hgrn", "lower_bound": 0.3, "use_short_conv": True}},
-    "hgrn2": {"mixer": {"name": "hgrn2", "lower_bound": 0.3}},
-    "mamba2": {"mixer": {"name": "mamba2", "head_dim": 8, "state_size": 8, "n_groups": 2}},
-    "hybrid-gdn+swa": {"ratio": "1:1", "mixer": {"name": "gated_deltanet"},
-                       "ratio_mixer": {"name": "attention", "window_size": 4, "num_kv_heads": 2}},
-    "hybrid-attn+hgrn2": {"layers": [{"name": "attention"}, {"name": "hgrn2", "lower_bound": 0.5}]},
-    "titans-lmm": {"mixer": {"name": "titans_memory", "chunk_size": 4, "num_persistent": 2}},
-    "titans-mac": {"mixer": {"name": "titans_mac", "segment_size": 6,
-                             "memory": {"name": "titans_memory", "chunk_size": 4},
-                             "attention": {"name": "attention", "num_persistent": 2}}},
-    "titans-mag": {"mixer": {"name": "titans_mag", "memory": {"name": "titans_memory", "chunk_size": 4},
-                             "attention": {"name": "attention", "window_size": 5, "num_persistent": 2}}},
-    "titans-mal": {"mixer": {"name": "titans_mal", "memory": {"name": "titans_memory", "chunk_size": 3},
-                             "attention": {"name": "attention", "window_size": 4}}},
-    "titans-lmm-channel": {"mixer": {"name": "titans_memory", "chunk_size": 4, "gates": "channel", "gate_rank": 4}},
-    "moneta": {"mixer": {"name": "moneta", "chunk_size": 4, "gate_rank": 4}},
-    "yaad": {"mixer": {"name": "yaad", "chunk_size": 3, "gate_rank": 4}},
-    "memora": {"mixer": {"name": "memora", "chunk_size": 4, "gate_rank": 4, "num_persistent": 2}},
-    "moneta-h": {"ratio": "1:1", "mixer": {"name": "moneta", "chunk_size": 4, "gate_rank": 4},
-                 "ratio_mixer": {"name": "attention", "window_size": 4}},
-    "mac-yaad": {"mixer": {"name": "titans_mac", "segment_size": 6, "memory": {"name": "yaad", "chunk_size": 4},
-                           "attention": {"name": "attention", "num_persistent": 2}, "normalize_attention": True}},
-}
-
-
-def build(case: str, **kw: object) -> MemLMForCausalLM:
-    torch.manual_seed(0)
-    cfg = MemLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=4,
-                      **{**CASES[case], **kw})
-    return MemLMForCausalLM(cfg).eval()
+from memlm.models import MemLMForCausalLM
+from memlm.testing.models import CASES, VOCAB, build
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -89,27 +45,13 @@ def test_recurrent_decoding_equals_parallel(case: str) -> None:
     ids = torch.randint(0, VOCAB, (2, 14))
     full = model(ids).logits
     out = model(ids[:, :3], use_cache=True)
-    steps, cache = [out.logits], out.past_key_values
+    steps, cache = [out.logits], out.cache
     for t in range(3, 14):
-        out = model(ids[:, t: t + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t: t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
-        cache = out.past_key_values
+        cache = out.cache
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == 14
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_generate_equals_greedy_argmax(case: str) -> None:
-    """``generate`` with the cache picks the argmax of a full forward at every step
-    (for sliding windows, well past the window size)."""
-    model = build(case)
-    prompt = torch.randint(0, VOCAB, (2, 4))
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
-                               do_sample=False, pad_token_id=0)
-    seq = prompt
-    for _ in range(12):
-        seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, seq)
 
 
 @pytest.mark.parametrize("case", CASES)

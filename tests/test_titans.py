@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import memory_fn
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory.objectives import retention_hook
@@ -17,6 +16,7 @@ from memlm.layers.neural_memory import NeuralMemory
 from memlm.layers.norm import NormalizedSigmoidGate
 from memlm.layers.registry import build_mixer
 from memlm.models import MemLMConfig, MemLMForCausalLM
+from memlm.testing.reference import memory_fn
 from memlm.train.config import load_config
 from memlm.train.metrics import read_jsonl
 from memlm.train.trainer import train

@@ -32,14 +32,19 @@ def test_thirty_steps_loss_falls_and_export_loads(tmp_path: Path, tiny_overrides
     assert last < first - 0.5, (first, last)
     assert summary["finished"] and summary["skipped_steps"] == 0 and math.isfinite(summary["val_loss"])
     report = (tmp_path / "t" / "report.md").read_text()
-    assert "train loss: first" in report and "perplexity" in report
+    assert "train loss: first" in report and "perplexity" in report and "`loss_curve.png`" in report
+    assert (tmp_path / "t" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import memlm  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "hf")
     tok = AutoTokenizer.from_pretrained(tmp_path / "t" / "hf")
     assert isinstance(model, MemLMForCausalLM) and model.config.vocab_size == len(tok)
     ids = tok("def f(x):", return_tensors="pt").input_ids
-    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    greedy = ids
+    for _ in range(5):
+        greedy = torch.cat([greedy, model(greedy).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, greedy)
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["shuffled", "streaming"])
@@ -72,16 +77,8 @@ def test_existing_run_is_never_overwritten(tmp_path: Path, tiny_overrides) -> No
 
 def test_resume_with_incompatible_model_config(tmp_path: Path, tiny_overrides) -> None:
     run(tiny_overrides(tmp_path, **{"training.steps": 10}))
-    with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 32 vs config 48"):
+    with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 32 vs now 48"):
         run(tiny_overrides(tmp_path, **{"training.steps": 20, "checkpoint.resume": True, "model.hidden_size": 48}))
-
-
-def test_corrupted_checkpoint(tmp_path: Path, tiny_overrides) -> None:
-    run(tiny_overrides(tmp_path, **{"training.steps": 10}))
-    ckpt = list_checkpoints(tmp_path / "t")[-1]
-    (ckpt / "model.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="corrupted"):
-        run(tiny_overrides(tmp_path, **{"training.steps": 20, "checkpoint.resume": True}))
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path: Path, tiny_overrides) -> None:

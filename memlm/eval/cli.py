@@ -21,6 +21,17 @@ from pathlib import Path
 from memlm.eval.needle import TASKS as NEEDLE_TASKS
 
 ALL_TASKS = ("mqar", *NEEDLE_TASKS, "perplexity")
+PROBE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "probes"
+
+
+def _require_mqar_config(args: argparse.Namespace) -> None:
+    """``--config`` is required: the built-in defaults alone are the full multi-hour sweep."""
+    if args.config is not None:
+        return
+    shipped = sorted(p.name for p in PROBE_CONFIGS.glob("mqar_*.yaml"))
+    folder = PROBE_CONFIGS.relative_to(Path.cwd()) if PROBE_CONFIGS.is_relative_to(Path.cwd()) else PROBE_CONFIGS
+    where = f"shipped in {folder}/: {', '.join(shipped)}" if shipped else "see configs/probes/mqar_*.yaml"
+    raise ValueError(f"--config is required (the built-in defaults are a multi-hour sweep); sweep configs {where}")
 
 
 def _ints(text: str) -> list[int]:
@@ -69,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK", help=f"one of {list(ALL_TASKS)}")
 
     mq = sub.add_parser("mqar", help="MQAR sweep: train small models per mixer, accuracy vs state size")
-    mq.add_argument("--config", help="sweep YAML (configs/probes/mqar_*.yaml)")
+    mq.add_argument("--config", help="sweep YAML (required; configs/probes/mqar_*.yaml, e.g. mqar_smoke.yaml)")
     mq.add_argument("--out", default="runs/probes")
     mq.add_argument("--no-progress", action="store_true")
     mq.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=2 d_models=[64]")
@@ -130,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except ValueError as err:
-        print(f"memlm probe {args.task}: error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"memlm probe {args.task}: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -139,7 +151,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.task == "mqar":
         from memlm.eval.mqar_sweep import load_sweep_config, run_mqar_sweep
 
-        cfg = load_sweep_config(args.config, args.overrides)
+        cfg = load_sweep_config(args.config, args.overrides)  # a bad override is reported first
+        _require_mqar_config(args)
         record = run_mqar_sweep(cfg, args.out, progress)
         print(record["table"])
         print(f"\n{cfg.name}: {record['time_s']:.0f} s; wrote {', '.join(record['files'].values())}")

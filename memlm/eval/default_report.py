@@ -1,5 +1,7 @@
 """The probes ``make train`` appends to its run report: a short passkey and S-NIAH-1 grid sized
-for a tiny CPU model, and the held-out perplexity."""
+for a tiny CPU model, and the held-out perplexity: :func:`memlm.eval.perplexity.perplexity` with
+windows of ``context_length`` tokens every ``context_length - 1`` (the windows of the trainer's
+validation loss)."""
 
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ def _grid_lengths(model: Any, tokenizer: Any, task: str) -> list[int]:
     return [n for n in CANDIDATE_LENGTHS if need <= n <= limit][:NUM_LENGTHS]
 
 
-def run_default_probes(model: Any, tokenizer: Any, run_dir: pathlib.Path, val_texts: list[str]) -> str:
+def run_default_probes(model: Any, tokenizer: Any, run_dir: pathlib.Path, val_texts: list[str],
+                       context_length: int = PPL_CONTEXT, max_tokens: int = PPL_MAX_TOKENS) -> str:
     """Run the default probes, write their JSON/PNG under ``run_dir/probes`` and return the
-    markdown section for the run report."""
+    markdown section for the run report; the perplexity scores the first ``max_tokens`` tokens
+    of ``val_texts``."""
     out = pathlib.Path(run_dir) / "probes"
     lines = ["## Recall probes", ""]
     for task in ("passkey", "s-niah-1"):
@@ -42,9 +46,8 @@ def run_default_probes(model: Any, tokenizer: Any, run_dir: pathlib.Path, val_te
                                   out_dir=out, progress=False)
         lines += [f"**{task}** (accuracy %, {DEFAULT_SAMPLES} samples per cell, greedy; "
                   f"`{pathlib.Path(record['files']['png']).name}`)", "", needle_table(record), ""]
-    context = min(PPL_CONTEXT, getattr(model.config, "max_position_embeddings", None) or PPL_CONTEXT)
-    ppl = perplexity(model, tokenizer, val_texts, context_length=context, stride=context // 2,
-                     max_tokens=PPL_MAX_TOKENS, progress=False)
+    context = min(context_length, getattr(model.config, "max_position_embeddings", None) or context_length)
+    ppl = perplexity(model, tokenizer, val_texts, context_length=context, max_tokens=max_tokens, progress=False)
     write_json(out / "perplexity.json", ppl)
     lines += [f"**held-out perplexity**: {ppl['perplexity']:.3f} over {ppl['num_tokens_scored']} tokens "
               f"(context {ppl['context_length']}, stride {ppl['stride']})", ""]

@@ -83,6 +83,35 @@ def task_manager(include_paths: list[str] | None = None) -> Any:
     return TaskManager(include_path=[str(TASKS_DIR), *(include_paths or [])])
 
 
+def check_tasks(manager: Any, tasks: list[str]) -> list[str]:
+    """``tasks`` with glob patterns (``arc_*``) expanded, as lm-eval's own command line does, or a
+    one-line ``ValueError`` naming every unknown task and its closest registered names.
+
+    A task is a name ``manager`` indexed (task, group or tag), a glob matching some, or a YAML file path.
+    """
+    import difflib
+
+    known = set(manager.all_tasks)
+    resolved: list[str] = []
+    unknown: list[str] = []
+    for name in tasks:
+        if name in known or Path(name).is_file():
+            matches = [name]
+        else:
+            matches = manager.match_tasks([name]) if any(c in name for c in "*?[") else []
+        if not matches:
+            unknown.append(name)
+        resolved += [m for m in matches if m not in resolved]
+    if unknown:
+        def hint(name: str) -> str:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+            return f"{name!r} (close matches: {', '.join(map(repr, close))})" if close else f"{name!r} (no close match)"
+
+        raise ValueError(f"unknown lm-eval task(s): {', '.join(map(hint, unknown))}; "
+                         "`memlm eval-harness lm-eval ls tasks` lists them all")
+    return resolved
+
+
 def evaluate(
     pretrained: Any,
     tasks: list[str],
@@ -101,10 +130,12 @@ def evaluate(
 
     if not tasks:
         raise ValueError("tasks must name at least one lm-eval task or group")
+    manager = task_manager(include_paths)
+    tasks = check_tasks(manager, tasks)  # before the model is loaded
     lm = MemLMLM(pretrained=pretrained, tokenizer=tokenizer, device=device, dtype=dtype,
                  batch_size=batch_size, max_length=max_length)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=task_manager(include_paths), log_samples=log_samples)
+                                      task_manager=manager, log_samples=log_samples)
     if results is None:
         raise RuntimeError("lm-eval returned no results (non-zero rank of a distributed run)")
     return results
@@ -131,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def lm_eval_cli(args: list[str]) -> int:
     """lm-eval's own command line (``lm-eval [run] --model memlm ...``) with the ``memlm`` type
-    registered; an evaluation run without ``--include_path`` gets memlm's task folder."""
+    registered; an evaluation run or ``ls`` without ``--include_path`` gets memlm's task folder."""
     from lm_eval.__main__ import cli_evaluate
 
-    if "--model" in args and "--include_path" not in args:
+    if ("--model" in args or args[:1] == ["ls"]) and "--include_path" not in args:
         args = [*args, "--include_path", str(TASKS_DIR)]
     saved, sys.argv = sys.argv, ["lm-eval", *args]
     try:

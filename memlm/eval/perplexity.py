@@ -60,6 +60,34 @@ def window_plan(num_tokens: int, context_length: int, stride: int) -> list[tuple
 
 
 @torch.no_grad()
+def window_nll(model: Any, ids: torch.Tensor, plan: list[tuple[int, int, int]], context_length: int,
+               batch_size: int = 1, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and count of the tokens ``plan`` scores in the 1-D ``ids``, by the number of
+    context tokens each prediction saw: ``nll_at[j] = Σ -log p(x_t | x_{t-j} … x_{t-1})`` over
+    the scored ``t`` with ``t - begin = j`` (float64, on the CPU)."""
+    nll_at = torch.zeros(context_length, dtype=torch.float64)
+    count_at = torch.zeros(context_length, dtype=torch.float64)
+    # windows of equal length run batched; the (shorter) tail windows run alone
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for w in plan:
+        groups.setdefault(w[1] - w[0], []).append(w)
+    bar = tqdm(total=len(plan), desc="perplexity", disable=not progress)
+    for wins in groups.values():
+        for s in range(0, len(wins), batch_size):
+            chunk = wins[s:s + batch_size]
+            x = torch.stack([ids[b:e] for b, e, _ in chunk])
+            logp = F.log_softmax(model(input_ids=x).logits.float(), dim=-1)
+            for row, (b, e, first) in enumerate(chunk):
+                pred = logp[row, first - b - 1:e - b - 1]
+                token_nll = -pred.gather(-1, ids[first:e, None])[:, 0].double().cpu()
+                nll_at[first - b:e - b] += token_nll
+                count_at[first - b:e - b] += 1
+            bar.update(len(chunk))
+            bar.set_postfix(ppl=f"{math.exp(nll_at.sum() / count_at.sum()):.3g}")
+    bar.close()
+    return nll_at, count_at
+
+
 def perplexity(
     model: Any,
     tokenizer: Any,
@@ -81,28 +109,8 @@ def perplexity(
     ids = torch.tensor(stream, device=model_device(model))
     was_training = model.training
     model.eval()
-    # loss by the number of context tokens a prediction saw (its position in the window)
-    nll_at = torch.zeros(context_length, dtype=torch.float64)
-    count_at = torch.zeros(context_length, dtype=torch.float64)
     start = time.perf_counter()
-    # windows of equal length run batched; the (shorter) tail windows run alone
-    groups: dict[int, list[tuple[int, int, int]]] = {}
-    for w in plan:
-        groups.setdefault(w[1] - w[0], []).append(w)
-    bar = tqdm(total=len(plan), desc="perplexity", disable=not progress)
-    for wins in groups.values():
-        for s in range(0, len(wins), batch_size):
-            chunk = wins[s:s + batch_size]
-            x = torch.stack([ids[b:e] for b, e, _ in chunk])
-            logp = F.log_softmax(model(input_ids=x).logits.float(), dim=-1)
-            for row, (b, e, first) in enumerate(chunk):
-                pred = logp[row, first - b - 1:e - b - 1]
-                token_nll = -pred.gather(-1, ids[first:e, None])[:, 0].double().cpu()
-                nll_at[first - b:e - b] += token_nll
-                count_at[first - b:e - b] += 1
-            bar.update(len(chunk))
-            bar.set_postfix(ppl=f"{math.exp(nll_at.sum() / count_at.sum()):.3g}")
-    bar.close()
+    nll_at, count_at = window_nll(model, ids, plan, context_length, batch_size, progress)
     model.train(was_training)
     nll, count = nll_at.sum().item(), int(count_at.sum().item())
     return {

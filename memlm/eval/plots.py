@@ -72,6 +72,23 @@ def plot_loss_by_context(buckets: Sequence[dict[str, float]], title: str, path: 
     return _save(fig, path)
 
 
+def plot_loss_curves(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]], title: str,
+                     path: str | Path) -> Path:
+    """Training and validation loss (nats / token) against tokens seen; each series is
+    ``(tokens_seen, loss)`` pairs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot([t for t, _ in train], [v for _, v in train], label="train", linewidth=1)
+    if val:
+        ax.plot([t for t, _ in val], [v for _, v in val], label="validation", marker="o")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -273,15 +273,16 @@ class NeuralMemory(Mixer):
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
     def initial_memory(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """``(W, S)`` a fresh sequence starts from: the learned weights, after the persistent tokens.
-        For retentions whose state is the weights (Memora's simplex) the parameters are ``A`` and the
+        """``(W, S)`` a fresh sequence starts from, one per batch row (a decoding state is batch-first:
+        beam search reorders its rows): the learned weights, after the persistent tokens. For
+        retentions whose state is the weights (Memora's simplex) the parameters are ``A`` and the
         weights ``R(A)``, so they stay on the simplex whatever the optimiser does."""
         retention = self.hooks["retention"]
         weights = list(self.memory_weights)
         if retention in WEIGHT_STATE:
             weights = [retention_hook(retention, self.hooks["retention_params"])(w) for w in weights]
         if not self.opts.num_persistent:
-            return weights, None
+            return [w.expand(batch, *w.shape) for w in weights], None
         p = self.persistent_tokens[None]
         q, k, v, gates, _ = self.project(p, (None, None, None))
         _, (w, s) = self.write_read(q, k, v, gates, (weights, None), want_state=True)
@@ -291,10 +292,10 @@ class NeuralMemory(Mixer):
     def _run(self, x: torch.Tensor, base: dict[str, Any], want_state: bool, cu_seqlens=None):
         q, k, v, gates, convs = self.project(x, base["conv"], cu_seqlens)
         memory = (base["weights"], base["momentum"])
-        if cu_seqlens is not None and memory[1] is not None:  # one copy of the start state per document
+        if cu_seqlens is not None:  # one copy of the start state per document
             n = cu_seqlens.numel() - 1
             memory = ([w[:1].expand(n, *w.shape[1:]) for w in memory[0]],
-                      [s[:1].expand(n, *s.shape[1:]) for s in memory[1]])
+                      None if memory[1] is None else [s[:1].expand(n, *s.shape[1:]) for s in memory[1]])
         o, final = self.write_read(q, k, v, gates, memory, want_state, cu_seqlens)
         new_base = {"conv": convs, "weights": final[0], "momentum": final[1]} if want_state else None
         return self.output(o, x), new_base

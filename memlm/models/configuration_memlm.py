@@ -24,8 +24,9 @@ _RATIO = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 def ratio_pattern(ratio: str, num_layers: int) -> list[bool]:
     """``True`` where a layer takes the second mixer of ``ratio`` ``"a:b"`` (e.g. attention)."""
     match = _RATIO.match(str(ratio))
-    if not match or int(match.group(1)) + int(match.group(2)) == 0:
-        raise ValueError(f"ratio must look like 'a:b' with non-negative integers (e.g. '3:1'), got {ratio!r}")
+    if not match or int(match.group(2)) < 1:
+        raise ValueError(f"ratio must look like 'a:b' with integers a >= 0 and b >= 1 (e.g. '3:1': three layers of "
+                         f"mixer, then one of ratio_mixer), got {ratio!r}")
     a, b = int(match.group(1)), int(match.group(2))
     return [(i % (a + b)) >= a for i in range(num_layers)]
 
@@ -36,7 +37,7 @@ def _as_spec(spec: Any) -> dict[str, Any]:
 
 class MemLMConfig(PreTrainedConfig):
     model_type = "memlm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ class MemLMPreTrainedModel(PreTrainedModel):
     config: MemLMConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -36,16 +36,28 @@ class MemLMPreTrainedModel(PreTrainedModel):
         return False
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> MemLMPreTrainedModel:
-        """HF loading, then every tensor copied into freshly allocated (aligned) storage: tensors
-        left at the memory-mapped file's offsets make CPU kernels take other SIMD paths, so the
-        loaded model would compute slightly different floats from the saved one."""
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """HF loading made strict: a missing, unexpected or mis-shaped tensor stops the load with
+        all of them listed (HF would initialise a missing tensor afresh and only warn). Then every
+        tensor is copied into freshly allocated (aligned) storage: tensors left at the
+        memory-mapped file's offsets make CPU kernels take other SIMD paths, so the loaded model
+        would compute slightly different floats from the saved one."""
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs["ignore_mismatched_sizes"] = True  # reported below, with the other problems
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        mismatched = [f"{name} {list(saved)} (model: {list(model_shape)})"
+                      for name, saved, model_shape in info.get("mismatched_keys", ())]
+        found = {"missing tensors": sorted(info.get("missing_keys", ())),
+                 "unexpected tensors": sorted(info.get("unexpected_keys", ())), "shape mismatches": sorted(mismatched)}
+        problems = [f"{what} ({len(names)}): {', '.join(names)}" for what, names in found.items() if names]
+        if problems:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(f"checkpoint {source} does not fit {cls.__name__}: " + "; ".join(problems))
         with torch.no_grad():
             for t in [*model.parameters(), *model.buffers()]:
                 t.data = t.data.clone()
         model.tie_weights()
-        return model
+        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -71,7 +83,7 @@ class MemLMModel(MemLMPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: MemLMCache | None = None,
+        cache: MemLMCache | None = None,
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
         **kwargs: Any,
@@ -81,18 +93,18 @@ class MemLMModel(MemLMPreTrainedModel):
         if input_ids is not None:
             _check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embeddings(input_ids)
-        use_cache = use_cache if use_cache is not None else (past_key_values is not None)
-        if use_cache and past_key_values is None:
-            past_key_values = MemLMCache(len(self.layers))
+        use_cache = use_cache if use_cache is not None else (cache is not None)
+        if use_cache and cache is None:
+            cache = MemLMCache(len(self.layers))
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
-            state = past_key_values.states[i] if past_key_values is not None else None
+            state = cache.states[i] if cache is not None else None
             h, new_state = layer(h, state=state, use_cache=use_cache, cu_seqlens=cu_seqlens)
             if use_cache:
-                past_key_values.states[i] = new_state
+                cache.states[i] = new_state
         if use_cache:
-            past_key_values.seen_tokens += h.shape[1]
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+            cache.seen_tokens += h.shape[1]
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -132,6 +144,17 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``GenerationMixin.generate`` after one check: a prompt needs at least one token (a
+        tokenizer without BOS gives none for ``""``)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is None and kwargs.get("inputs_embeds") is None:
+            raise ValueError("generate() needs a prompt: pass input_ids (at least one token) or inputs_embeds")
+        if prompt is not None and prompt.shape[-1] == 0:
+            raise ValueError("the prompt is empty (0 tokens): generation needs at least one token to condition on; "
+                             "this tokenizer adds no BOS token, so start the prompt with text or with its eos/bos id")
+        return super().generate(inputs, *args, **kwargs)
+
     def recurrent_state_size(self, seq_len: int) -> int:
         """State elements one sequence carries after ``seq_len`` tokens, summed over layers."""
         return sum(layer.attn.state_size(seq_len) for layer in self.model.layers)
@@ -140,7 +163,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: MemLMCache | None = None,
+        cache: MemLMCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -154,7 +177,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
                 "attention_mask has padded (0) positions: memlm mixers are recurrent and do not skip padding; "
                 "run unpadded batches, or pack documents into one row and pass cu_seqlens"
             )
-        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache,
                          use_cache=use_cache, cu_seqlens=cu_seqlens)
         h = out.last_hidden_state
         if logits_to_keep:
@@ -163,4 +186,4 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML run config (see configs/runs)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.steps=200 model.hidden_size=128")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after the flags
     overrides = [*args.overrides, *(["checkpoint.resume=true"] if args.resume else [])]
     try:
         cfg = load_config(args.config, overrides)

@@ -8,10 +8,13 @@ the key and what is allowed, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from accelerate.utils import is_tensorboard_available, is_wandb_available
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -20,6 +23,29 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 class ConfigError(ValueError):
     """A configuration problem, reported with the offending key."""
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's numbers: no base-60 integers (``ratio: 3:1`` stays the string
+    ``"3:1"``, where YAML 1.1 reads 181) and ``1e-3`` is a float."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAMLLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
+                                  list("-+0123456789"))
+_YAMLLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document or scalar, read as :class:`_YAMLLoader` does."""
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 @dataclass
@@ -54,6 +80,7 @@ class DataSection:
     name: str | None = None
     split: str = "train"
     text_field: str = "text"
+    text_documents: str = "file"  # text files: a document per file | paragraph (blank-line separated) | line
     streaming: bool = False
     max_documents: int | None = None
     val_documents: int = 64
@@ -139,13 +166,14 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("embedded", "files", "hub"),
+    "data.text_documents": ("file", "paragraph", "line"),
     "schedule.name": ("cosine", "wsd", "constant"),
     "training.precision": ("auto", "bf16", "fp32"),
 }
 POSITIVE = ("data.seq_len", "training.steps", "training.micro_batch_size", "training.grad_accum",
             "checkpoint.every", "checkpoint.keep_last", "logging.every", "logging.val_every",
             "tokenizer.vocab_size", "optimizer.lr")
-TRACKERS = ("tensorboard", "wandb")
+TRACKERS = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}  # name: is it installed?
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -173,10 +201,20 @@ def validate(cfg: RunConfig) -> None:
     for tracker in cfg.logging.trackers:
         if tracker not in TRACKERS:
             raise ConfigError(f"logging.trackers has {tracker!r}; allowed: {list(TRACKERS)} (JSONL is always on)")
+
     if cfg.training.stop_at_step is not None and not 0 < cfg.training.stop_at_step <= cfg.training.steps:
         raise ConfigError(f"training.stop_at_step must lie in [1, training.steps], got {cfg.training.stop_at_step}")
     if cfg.data.val_documents < 1:
         raise ConfigError(f"data.val_documents must be >= 1, got {cfg.data.val_documents}")
+
+
+def check_trackers_installed(cfg: RunConfig) -> None:
+    """Every requested tracker's package is importable here (checked when a run starts, not when a
+    config is read: a config may be valid on another machine)."""
+    for tracker in cfg.logging.trackers:
+        if not TRACKERS[tracker]():
+            raise ConfigError(f"logging.trackers has {tracker!r} but {tracker} is not installed: "
+                              f"pip install 'memlm[{tracker}]', or drop it from logging.trackers")
 
 
 def _merge(base: Any, other: Any, what: str) -> Any:
@@ -211,6 +249,16 @@ def _model_preset(name: str) -> Path:
     raise ConfigError(f"model.preset={name!r} is neither a YAML file nor one of {known}")
 
 
+def _mixer_names(raw: Any) -> Any:
+    """``model.mixer: attention`` means ``model.mixer: {name: attention}`` (also ``ratio_mixer``)."""
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict):
+        for key in ("mixer", "ratio_mixer"):
+            if isinstance(model.get(key), str):
+                model[key] = {"name": model[key]}
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Schema ← ``path`` (YAML) ← ``overrides`` (``key=value``); validated. Returns a ``RunConfig``."""
     cfg = OmegaConf.structured(RunConfig)
@@ -219,14 +267,30 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        file_cfg = OmegaConf.load(path)
+        try:
+            file_cfg = OmegaConf.create(_mixer_names(parse_yaml(path.read_text()) or {}))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    cli: dict[str, Any] = {}
     for item in overrides:
-        if "=" not in item:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. training.steps=100)")
-    cli_cfg = OmegaConf.from_dotlist(list(overrides))
+        node = cli
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        try:
+            node[leaf] = parse_yaml(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+    cli_cfg = OmegaConf.create(_mixer_names(cli))
     preset = OmegaConf.select(cli_cfg, "model.preset") or OmegaConf.select(file_cfg, "model.preset")
     if preset:
-        cfg = _merge(cfg, {"model": OmegaConf.load(_model_preset(preset))}, f"model.preset {preset!r}")
+        preset_cfg = _mixer_names({"model": parse_yaml(_model_preset(preset).read_text())})
+        cfg = _merge(cfg, preset_cfg, f"model.preset {preset!r}")
     cfg = _merge(cfg, file_cfg, f"config file {str(path)!r}")
     cfg = _merge(cfg, cli_cfg, "command-line override")
     if OmegaConf.is_missing(cfg, "name"):

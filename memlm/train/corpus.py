@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -48,14 +49,32 @@ def _resolve_files(path: str) -> list[str]:
     return files
 
 
+def _text_documents(files: list[str], split: str) -> Iterator[str]:
+    """Documents of UTF-8 text files: each whole file (``file``), or each blank-line separated
+    ``paragraph``, or each ``line``."""
+    for name in files:
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"data.path: {name} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                              f"{err.start}); convert it or remove it from data.path") from None
+        if split == "file":
+            yield text
+        elif split == "paragraph":
+            yield from re.split(r"\n\s*\n", text)
+        else:
+            yield from text.splitlines()
+
+
 def _hf_documents(cfg: DataSection) -> Iterable[str]:
     import datasets
 
     if cfg.source == "files":
         files = _resolve_files(str(cfg.path))
         kind = FILE_FORMATS[Path(files[0]).suffix]
-        extra = {"sample_by": "document"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming, **extra)
+        if kind == "text":
+            return _text_documents(files, cfg.text_documents)
+        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming)
     else:
         ds = datasets.load_dataset(str(cfg.path), cfg.name, split=cfg.split, streaming=cfg.streaming)
     columns = ds.column_names or []
@@ -87,9 +106,11 @@ def load_documents(cfg: DataSection, seed: int) -> tuple[Iterable[str], list[str
     if not everything:
         raise ConfigError(f"the corpus (data.source={cfg.source!r}, data.path={cfg.path!r}) has no text")
     if len(everything) <= cfg.val_documents:
+        hint = (" (each text file is one document: data.text_documents=paragraph or =line splits them)"
+                if cfg.source == "files" and cfg.text_documents == "file" else "")
         raise ConfigError(
             f"the corpus has {len(everything)} documents; data.val_documents={cfg.val_documents} leaves none "
-            "to train on"
+            f"to train on{hint}"
         )
     random.Random(seed).shuffle(everything)
     return everything[cfg.val_documents:], everything[: cfg.val_documents]

@@ -7,7 +7,9 @@ counts) steps whose loss or gradient norm is not finite, clips, steps, and logs.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -18,12 +20,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from memlm.eval.perplexity import window_nll, window_plan
 from memlm.models import MemLMConfig, MemLMForCausalLM
 from memlm.train import checkpoint
-from memlm.train.config import ConfigError, RunConfig, model_kwargs, to_yaml
+from memlm.train.config import ConfigError, RunConfig, check_trackers_installed, model_kwargs, to_yaml
 from memlm.train.corpus import load_documents
 from memlm.train.data import ShuffledLoader, StreamingLoader, pack
-from memlm.train.metrics import JSONLTracker, flops_per_token, peak_flops
+from memlm.train.metrics import JSONLTracker, flops_per_token, peak_flops, truncate_after
 from memlm.train.optim import build_optimizer, build_scheduler
 from memlm.train.report import write_report
 from memlm.train.tokenizer import check_vocab, load_tokenizer, train_bpe
@@ -36,12 +39,14 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
+    wall_time_s: float = 0.0  # training time over every session of the run
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, float]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.tokens_seen, self.skipped_steps = state["step"], state["tokens_seen"], state["skipped_steps"]
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped_steps, self.wall_time_s = int(state["skipped_steps"]), float(state["wall_time_s"])
 
 
 def _precision(cfg: RunConfig) -> str:
@@ -51,56 +56,110 @@ def _precision(cfg: RunConfig) -> str:
     return "no" if wanted == "fp32" else "bf16"
 
 
+TOKENIZER_SETTINGS = "memlm_tokenizer.json"
+
+
+def _check_saved_tokenizer(cfg: RunConfig) -> None:
+    """A run directory's tokenizer is reused only under the settings it was made with."""
+    recorded = cfg.run_dir / "tokenizer" / TOKENIZER_SETTINGS
+    if not recorded.exists():
+        return
+    saved, wanted = json.loads(recorded.read_text()), asdict(cfg.tokenizer)
+    diff = [f"tokenizer.{k}: saved {saved.get(k)!r} vs config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+    if diff:
+        raise ConfigError(f"{cfg.run_dir / 'tokenizer'} was made with other settings ({', '.join(diff)}): "
+                          "choose another name=... for a new run, or delete that run directory")
+
+
 def _tokenizer(cfg: RunConfig, accelerator: Accelerator, train_docs: Any) -> Any:
-    """The run's tokenizer: saved in ``<run>/tokenizer`` on first use, reloaded on resume.
-    A BPE trained on a stream reads its own pass of the stream, not the training one."""
+    """The run's tokenizer: saved in ``<run>/tokenizer`` (with the settings that made it) on first
+    use, reloaded on resume. A BPE trained on a stream reads its own pass of the stream."""
     saved = cfg.run_dir / "tokenizer"
     with accelerator.main_process_first():
-        if saved.exists():
+        if (saved / TOKENIZER_SETTINGS).exists():
             return load_tokenizer(str(saved))
         tokenizer = (load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path
                      else train_bpe(load_documents(cfg.data, cfg.training.seed)[0] if cfg.data.streaming
                                     else train_docs, cfg.tokenizer.vocab_size, cfg.tokenizer.train_documents))
         if accelerator.is_main_process:
             tokenizer.save_pretrained(saved)
+            (saved / TOKENIZER_SETTINGS).write_text(json.dumps(asdict(cfg.tokenizer), indent=2))
         return tokenizer
 
 
+def _checked_model_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``MemLMConfig`` kwargs of the run, the model built once on the meta device (no memory, no
+    data read) so that a bad model section stops the run first."""
+    kwargs = model_kwargs(cfg.model)
+    try:
+        with torch.device("meta"):
+            MemLMForCausalLM(MemLMConfig(**{"vocab_size": cfg.tokenizer.vocab_size, **kwargs}))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+    return kwargs
+
+
+def _resume_point(cfg: RunConfig, accelerator: Accelerator, existing: list[Any]) -> Any:
+    """The newest checkpoint that verifies (None for a fresh run). Newer ones that fail are named,
+    set aside as ``<name>.corrupt`` and never loaded."""
+    if not (cfg.checkpoint.resume and existing):
+        return None
+    path, failures = checkpoint.newest_verified(cfg.run_dir)
+    accelerator.wait_for_everyone()  # every process chose ``path`` before any rename
+    if accelerator.is_main_process and failures:
+        checkpoint.set_aside(cfg.run_dir, path)
+        for reason in failures:
+            print(f"memlm train: {reason}; set aside as .corrupt, resuming from {path.name}", file=sys.stderr)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def validation_tokens(val_rows: torch.Tensor, cfg: RunConfig, world: int) -> torch.Tensor:
+    """The validation stream ``x_1 … x_N`` that :func:`_validate` scores: the first
+    ``logging.val_batches × training.micro_batch_size × processes`` packed rows, end to end."""
+    return val_rows[: cfg.logging.val_batches * cfg.training.micro_batch_size * world].flatten()
+
+
 def _validate(model: torch.nn.Module, val_rows: torch.Tensor, cfg: RunConfig, accelerator: Accelerator) -> float:
-    """Mean held-out loss over ``logging.val_batches`` micro-batches, split across processes."""
+    """Held-out loss ``-(1 / (N - 1)) Σ_{t=2..N} log p(x_t | its window)`` of
+    :func:`validation_tokens`, in windows of ``seq_len`` tokens every ``seq_len - 1``: the
+    quantity :func:`memlm.eval.perplexity.perplexity` measures on that stream, windows split
+    across processes."""
+    seq_len, rank, world = val_rows.shape[1], accelerator.process_index, accelerator.num_processes
+    ids = validation_tokens(val_rows, cfg, world).to(accelerator.device)
+    plan = window_plan(len(ids), seq_len, seq_len - 1)
     model.eval()
-    mb, rank, world = cfg.training.micro_batch_size, accelerator.process_index, accelerator.num_processes
-    losses = []
-    with torch.no_grad():
-        for b in range(cfg.logging.val_batches):
-            lo = (b * world + rank) * mb
-            rows = val_rows[lo: lo + mb]
-            if len(rows) == 0:
-                break
-            rows = rows.to(accelerator.device)
-            with accelerator.autocast():
-                losses.append(model(input_ids=rows, labels=rows).loss.float())
-    local = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=accelerator.device)
+    with accelerator.autocast():
+        nll_at, count_at = window_nll(model, ids, plan[rank::world], seq_len, cfg.training.micro_batch_size)
     model.train()
-    return accelerator.reduce(local.reshape(1), reduction="mean").item()
+    totals = torch.stack([nll_at.sum(), count_at.sum()]).to(accelerator.device)
+    nll, count = accelerator.reduce(totals, reduction="sum").tolist()
+    return nll / count
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) one pretraining run; returns the summary written into the report."""
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = _checked_model_kwargs(cfg)
+    check_trackers_installed(cfg)
     existing = checkpoint.list_checkpoints(run_dir)
     if existing and not cfg.checkpoint.resume:
         raise ConfigError(
             f"{run_dir} already has checkpoints ({existing[-1].name}); pass --resume (checkpoint.resume=true) "
             "to continue it, or choose another name=... — nothing was overwritten"
         )
+    _check_saved_tokenizer(cfg)
     trackers: list[Any] = [JSONLTracker(run_dir / "metrics.jsonl"), *cfg.logging.trackers]
-    accelerator = Accelerator(mixed_precision=_precision(cfg), log_with=trackers, project_dir=str(run_dir))
+    # the schedule is sized in optimizer steps: one scheduler step per optimizer step, whatever the
+    # number of processes (Accelerate's default steps it once per process)
+    accelerator = Accelerator(mixed_precision=_precision(cfg), log_with=trackers, project_dir=str(run_dir),
+                              step_scheduler_with_optimizer=False)
+    resume_from = _resume_point(cfg, accelerator, existing)
     set_seed(cfg.training.seed)
 
     # --- data and tokenizer -------------------------------------------------------------------
     train_docs, val_docs = load_documents(cfg.data, cfg.training.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(cfg, accelerator, train_docs)
     seq_len, mb, world = cfg.data.seq_len, cfg.training.micro_batch_size, accelerator.num_processes
     if cfg.data.streaming:
@@ -111,14 +170,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     val_rows = pack(val_docs, tokenizer, seq_len).input_ids
 
     # --- model, optimizer, schedule -------------------------------------------------------------
-    kwargs = model_kwargs(cfg.model)
     kwargs.setdefault("vocab_size", len(tokenizer))
     check_vocab(tokenizer, kwargs["vocab_size"])
     kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    try:
-        model = MemLMForCausalLM(MemLMConfig(**kwargs))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model: {err}") from None
+    setup = {"data.seq_len": seq_len, "training.micro_batch_size": mb, "training.grad_accum": cfg.training.grad_accum,
+             "processes": world}
+    if resume_from is not None:
+        checkpoint.check_compatible(resume_from, kwargs, setup)
+    model = MemLMForCausalLM(MemLMConfig(**kwargs))
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.steps)
@@ -126,9 +185,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     state = TrainState()
     accelerator.register_for_checkpointing(state, loader)
 
-    if cfg.checkpoint.resume and existing:
-        checkpoint.load(accelerator, existing[-1], kwargs)
-        accelerator.print(f"resumed from {existing[-1]} at step {state.step}")
+    if resume_from is not None:
+        checkpoint.load(accelerator, resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        if accelerator.is_main_process:  # steps after the checkpoint are replayed and logged again
+            truncate_after(run_dir / "metrics.jsonl", state.step)
+    start_step = state.step
     if state.step == 0:
         accelerator.init_trackers(cfg.name, config={"run": to_yaml(cfg), "num_params": num_params})
         if accelerator.is_main_process:
@@ -144,6 +206,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                                                                            and accelerator.is_main_process))
     model.train()
     started, tick, tick_tokens = time.time(), time.time(), state.tokens_seen
+    wall_time_before = state.wall_time_s
     val_loss = None
     while state.step < stop:
         total_loss = torch.zeros((), device=accelerator.device)
@@ -192,19 +255,23 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if state.step % cfg.logging.val_every == 0 or state.step == cfg.training.steps:
             val_loss = _validate(model, val_rows, cfg, accelerator)
             accelerator.log({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=state.step)
+        state.wall_time_s = wall_time_before + time.time() - started
         if state.step % cfg.checkpoint.every == 0 or state.step == stop:
-            checkpoint.save(accelerator, run_dir, state.step, kwargs, cfg.checkpoint.keep_last)
+            checkpoint.save(accelerator, run_dir, state.step, kwargs, setup, cfg.checkpoint.keep_last)
         bar.update(1)
     bar.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
     summary = {"name": cfg.name, "num_params": num_params, "steps": state.step, "skipped_steps": state.skipped_steps,
-               "tokens_seen": state.tokens_seen, "wall_time_s": time.time() - started, "val_loss": val_loss,
+               "tokens_seen": state.tokens_seen, "wall_time_s": state.wall_time_s, "val_loss": val_loss,
                "finished": state.step >= cfg.training.steps}
-    if summary["finished"] and accelerator.is_main_process:
+    # a session that trained no step (resuming a finished run) keeps the export and report it finds
+    outputs_missing = not (run_dir / "summary.json").exists() or (cfg.checkpoint.export
+                                                                  and not (run_dir / "hf").exists())
+    if summary["finished"] and (state.step > start_step or outputs_missing) and accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         if cfg.checkpoint.export:
             checkpoint.export(unwrapped, tokenizer, run_dir / "hf")
-        write_report(cfg, unwrapped, tokenizer, val_docs, summary)
+        write_report(cfg, unwrapped, tokenizer, val_docs, summary, len(validation_tokens(val_rows, cfg, world)))
     return summary

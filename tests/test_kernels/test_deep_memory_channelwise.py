@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
-from reference import online_gd
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
 from memlm.kernels.deep_memory.objectives import huber_bias
+from memlm.testing.reference import online_gd
 
 chunk_module = importlib.import_module("memlm.kernels.deep_memory.chunk")
 

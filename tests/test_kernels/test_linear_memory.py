@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import math
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from memlm.kernels import linear_memory
+from memlm.testing.triton_interpreter import interpret_fla
 
 # family -> which inputs it uses (RetNet: a constant decay per head, expanded over B and T)
 FAMILIES = {
@@ -175,34 +175,11 @@ def test_naive_matches_fla_naive(family):
     assert rel(s, s_ref) < 1e-5
 
 
-def _tensor_loop_index(self, node):
-    """AST rewrite for the interpreter: ``for i in range(...)`` binds ``i`` as a Triton tensor
-    (as compiled Triton does), so fla's ``i_t.to(tl.int64)`` works."""
-    node = self.generic_visit(node)
-    it = node.iter
-    func = it.func if isinstance(it, ast.Call) else None
-    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-    if name == "range" and isinstance(node.target, ast.Name):
-        to_tensor = ast.Attribute(ast.Name("interpreter_semantic", ast.Load()), "to_tensor", ast.Load())
-        value = ast.Call(to_tensor, [ast.Name(node.target.id, ast.Load()), ast.Constant(False)], [])
-        node.body.insert(0, ast.Assign([ast.Name(node.target.id, ast.Store())], value))
-    return node
-
-
 @pytest.fixture
 def fla_device(triton_device: str) -> str:
-    """Where fla's kernels run. On CPU (TRITON_INTERPRET=1) two interpreter limits of fla 0.6 are
-    lifted first: autotuning keeps one config (benchmarking needs a GPU), and loop indices become
-    tensors. The interpreter rewrites a kernel at its first launch, so this precedes any fla call."""
+    """Where fla's kernels run; on CPU (TRITON_INTERPRET=1) after ``interpret_fla``."""
     if triton_device == "cpu":
-        from triton.runtime import interpreter
-        from triton.runtime.autotuner import Autotuner
-
-        if not getattr(Autotuner, "_one_config", False):
-            prune = Autotuner.prune_configs
-            Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
-            Autotuner._one_config = True
-            interpreter.ASTTransformer.visit_For = _tensor_loop_index
+        interpret_fla()
     return triton_device
 
 

@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
-from kernels.test_deep_memory_triton import L1, L2, assert_close, compare, make_inputs, rel
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
 from memlm.kernels.deep_memory.triton_chunk import deep_memory_triton
+from memlm.testing.deep_memory_cases import L1, L2, assert_close, compare, make_inputs, rel
 
 VARIANTS = {
     # name: hooks, with parameters away from their defaults where the value matters

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import memory_fn, online_gd
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory import BIASES, RETENTIONS, deep_memory_chunk, deep_memory_naive
+from memlm.testing.reference import memory_fn, online_gd
 
 F64 = torch.float64
 LINEAR = dict(depth=1, expansion=1, residual=False, norm=False)  # L = 1: linear memory

@@ -1,5 +1,5 @@
-"""Test-only references written independently of memlm (importable from every test: pytest
-``pythonpath = ["tests"]``)."""
+"""Test-only references written independently of memlm's kernels: the Titans memory function
+and its per-token online gradient descent, from the equations."""
 
 from __future__ import annotations
 

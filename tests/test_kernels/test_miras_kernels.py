@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import memory_fn
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
+from memlm.testing.reference import memory_fn
 
 F64 = torch.float64
 LINEAR = dict(depth=1, expansion=1, residual=False, norm=False)  # L = 1: linear memory
