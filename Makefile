@@ -72,7 +72,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/kernel_bench.py
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-compat-* runs .pytest_cache

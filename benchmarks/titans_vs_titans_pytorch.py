@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from memlm.kernels.deep_memory.cpu_kernel import dual_form_kernel
+from memlm.kernels.deep_memory import MemorySpec, select_path
 from memlm.layers.registry import build_mixer
 from memlm.models import MemLMConfig
 
@@ -75,14 +75,15 @@ def main() -> None:
 
     cpu = platform.processor() or platform.machine()
     probe = torch.zeros(1, device=device)
-    loop = "compiled CPU kernel" if dual_form_kernel(probe, "gelu") is not None else "PyTorch loop"
+    path = select_path("auto", probe, MemorySpec(chunk_size=CHUNK))  # the path the mixer's memory takes
+    loop = {"cpu": "compiled CPU kernel", "hand_written": "PyTorch loop", "triton": "Triton"}[path]
     print(
         f"# Titans LMM mixer vs titans-pytorch NeuralMemory — {datetime.date.today()}, {args.device} ({cpu}, "
         f"{torch.get_num_threads()} threads), torch {torch.__version__}, titans-pytorch {version('titans-pytorch')}"
     )
     print(
         f"dim {DIM}, heads {HEADS}, depth {DEPTH}, expansion {EXPANSION}, chunk {CHUNK}, B=1, fwd+bwd, "
-        f"median of {args.repeats}; memlm's chunk loop: {loop if device.type == 'cpu' else 'Triton'}\n"
+        f"median of {args.repeats}; memlm's chunk loop: {loop}\n"
     )
     clocks = ["wall"] + (["CPU"] if device.type == "cpu" else [])
     print("| T | " + " | ".join(f"memlm {c} ms | titans-pytorch {c} ms | speed-up ({c})" for c in clocks) + " |")

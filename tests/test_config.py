@@ -13,8 +13,8 @@ from memlm.train.config import CONFIG_DIR, ConfigError, load_config
 
 def test_tiny_yaml_loads_with_overrides() -> None:
     cfg = load_config(CONFIG_DIR / "runs" / "tiny.yaml", ["training.steps=7", "model.hidden_size=64"])
-    assert cfg.name == "tiny" and cfg.training.steps == 7 and cfg.model.hidden_size == 64
-    assert cfg.model.num_hidden_layers == 4  # from the preset
+    assert cfg.name == "tiny" and cfg.training.steps == 7 and cfg.model["hidden_size"] == 64
+    assert cfg.model["num_hidden_layers"] == 8  # from the preset (hybrid_gated_deltanet_3to1_tiny)
     assert cfg.data.source == "embedded"
 
 
@@ -36,7 +36,13 @@ def test_every_run_config_is_valid(path: Path) -> None:
         (["name=x", "data.source=files"], "data.path is required"),
         (["name=x", "training.steps=0"], "training.steps must be > 0"),
         (["name=x", "logging.trackers=[mlflow]"], "tensorboard"),
-        (["name=x", "model.preset=nope"], "transformer_pp_tiny"),
+        (["name=x", "model.preset=nope"], "attention_tiny"),
+        (["name=x", "model.preset=titans_lmm_34m"], "titans_lmm_340m"),
+        (["name=x", "model.hiden_size=3"], "did you mean 'hidden_size'"),
+        (["name=x", "model.hidden_size=abc"], "model.hidden_size='abc' has the wrong type"),
+        (["name=x", "model.hidden_size=0"], "model.hidden_size must be a positive integer"),
+        (["name=x", "model.mixer={name: attn}"], "model.mixer: unknown mixer name 'attn'"),
+        (["name=x", "model.use_cache=false"], "model.use_cache is not a MemLMConfig model field"),
         (["name=x", "nonsense"], "key=value"),
         (["training.steps=3"], "name is required"),
     ],
@@ -103,11 +109,11 @@ def test_every_mqar_probe_config_builds_its_models(path: Path) -> None:
 def test_ratio_as_the_readme_writes_it(tmp_path: Path) -> None:
     """``model.ratio=3:1`` on the command line and ``ratio: 3:1`` unquoted in YAML stay ``"3:1"``
     (YAML 1.1 would read the base-60 number 181); YAML numbers still parse (``1e-3`` is a float)."""
-    assert load_config(None, ["name=x", "model.ratio=3:1"]).model.ratio == "3:1"
-    assert load_config(None, ["name=x", 'model.ratio="3:1"']).model.ratio == "3:1"
+    assert load_config(None, ["name=x", "model.ratio=3:1"]).model["ratio"] == "3:1"
+    assert load_config(None, ["name=x", 'model.ratio="3:1"']).model["ratio"] == "3:1"
     run_file = tmp_path / "run.yaml"
     run_file.write_text("name: x\nmodel:\n  ratio: 3:1\n  mixer: gated_deltanet\noptimizer:\n  lr: 1e-3\n")
     cfg = load_config(run_file)
-    assert cfg.model.ratio == "3:1" and cfg.optimizer.lr == 1e-3
-    assert cfg.model.mixer == {"name": "gated_deltanet"}
-    assert load_config(None, ["name=x", "model.mixer=attention"]).model.mixer == {"name": "attention"}
+    assert cfg.model["ratio"] == "3:1" and cfg.optimizer.lr == 1e-3
+    assert cfg.model["mixer"] == {"name": "gated_deltanet"}
+    assert load_config(None, ["name=x", "model.mixer=attention"]).model["mixer"] == {"name": "attention"}

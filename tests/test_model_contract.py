@@ -1,6 +1,8 @@
 """The contract every model obeys, for every mixer spec in ``memlm.testing.models.CASES``:
 causality, step-by-step decoding == parallel forward, save → load bit-exact. A new mixer joins by
-adding its spec there. (Generation through transformers' ``generate``: test_generation.py.)"""
+adding its spec there, and every registered mixer must have one (a mixer without a case fails
+:func:`test_every_registered_mixer_has_a_case`). (Generation through transformers' ``generate``:
+test_generation.py.)"""
 
 from __future__ import annotations
 
@@ -10,8 +12,45 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from memlm.layers import MIXERS
 from memlm.models import MemLMForCausalLM
 from memlm.testing.models import CASES, VOCAB, build
+
+SPEC_KEYS = ("mixer", "ratio_mixer", "layers", "memory", "attention")  # keys whose values are mixer specs
+
+
+def mixer_names(spec: object) -> set[str]:
+    """Every mixer name in a case or spec, nested ones included (a composite's ``memory`` and
+    ``attention``, the ``layers`` list): a spec is a name, or a mapping with a ``name`` key."""
+    if isinstance(spec, str):
+        return {spec}
+    names: set[str] = set()
+    if isinstance(spec, dict):
+        if isinstance(spec.get("name"), str):
+            names.add(spec["name"])
+        for key, value in spec.items():
+            if isinstance(value, (dict, list)) or (key in SPEC_KEYS and isinstance(value, str)):
+                names |= mixer_names(value)
+    elif isinstance(spec, list):
+        for item in spec:
+            names |= mixer_names(item)
+    return names
+
+
+def test_every_registered_mixer_has_a_case() -> None:
+    """A registered mixer without a contract case fails here: add its spec to ``CASES``
+    (``memlm/testing/models.py``)."""
+    covered = set().union(*(mixer_names(case) for case in CASES.values()))
+    assert covered <= set(MIXERS), f"CASES name unregistered mixers: {sorted(covered - set(MIXERS))}"
+    missing = sorted(set(MIXERS) - covered)
+    assert not missing, f"registered mixers with no case in memlm.testing.models.CASES: {missing}"
+
+
+def test_mixer_names_reads_nested_specs() -> None:
+    case = {"ratio": "1:1", "ratio_mixer": "attention",
+            "mixer": {"name": "titans_mac", "gates": "channel", "memory": {"name": "yaad"}},
+            "layers": ["hgrn", {"name": "gla"}]}
+    assert mixer_names(case) == {"attention", "titans_mac", "yaad", "hgrn", "gla"}
 
 
 @pytest.mark.parametrize("case", CASES)

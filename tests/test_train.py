@@ -50,7 +50,8 @@ def test_thirty_steps_loss_falls_and_export_loads(tmp_path: Path, tiny_overrides
 @pytest.mark.parametrize("streaming", [False, True], ids=["shuffled", "streaming"])
 def test_resume_equals_uninterrupted(tmp_path: Path, tiny_overrides, streaming: bool) -> None:
     """Stopped at step 10 and resumed to 20 == 20 steps in one go: same weights, same data order."""
-    extra = {"training.steps": 20, "data.streaming": streaming, "training.grad_accum": 2}
+    extra = {"training.steps": 20, "data.streaming": streaming, "training.grad_accum": 2,
+             "logging.batch_checksum": True}
     run(tiny_overrides(tmp_path / "a", **extra))
     stopped = run(tiny_overrides(tmp_path / "b", **extra, **{"training.stop_at_step": 10}))
     assert stopped["steps"] == 10 and not stopped["finished"]

@@ -55,7 +55,8 @@ def _run_name(spec: str) -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder, hub id, or a model config .yaml/.json")
+    p.add_argument("--model", required=True,
+                   help="checkpoint folder, hub id, a model config .yaml/.json or a preset name (e.g. attention_tiny)")
     p.add_argument("--tokenizer", help="tokenizer folder, hub id, tokenizer.json or SentencePiece .model "
                                        "(default: the model's own)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
@@ -119,9 +120,9 @@ def _texts(args: argparse.Namespace) -> list[str] | None:
 
 
 def _load(args: argparse.Namespace) -> tuple[object, object]:
-    from memlm.eval.loading import load_model, load_tokenizer
+    from memlm.eval.loading import is_model_config, load_model, load_tokenizer
 
-    if args.tokenizer is None and Path(args.model).suffix in (".yaml", ".yml"):
+    if args.tokenizer is None and is_model_config(args.model):
         raise ValueError(f"--model {args.model} is a config (random weights, no tokenizer): pass --tokenizer")
     source = args.tokenizer or args.model
     try:

@@ -45,11 +45,11 @@ class MemLMLM(HFLM):
 
     def __init__(self, pretrained: Any, tokenizer: Any = None, backend: str = "causal",
                  device: str | None = None, **kwargs: Any) -> None:
-        from memlm.eval.loading import load_model, load_tokenizer, resolve_device
+        from memlm.eval.loading import is_model_config, load_model, load_tokenizer, resolve_device
 
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
-        if isinstance(pretrained, str) and Path(pretrained).suffix in (".yaml", ".yml"):
+        if isinstance(pretrained, str) and is_model_config(pretrained):
             if tokenizer is None:
                 raise ValueError(f"pretrained={pretrained} is a model config (random weights): "
                                  "pass a tokenizer")

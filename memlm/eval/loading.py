@@ -1,9 +1,10 @@
 """Loading the model and tokenizer a probe runs on.
 
 ``--model`` is a checkpoint folder, a Hugging Face hub id (any causal LM: memlm checkpoints,
-converted flash-linear-attention ones, plain transformers models) or a model config file
-(``.yaml``/``.json`` holding ``MemLMConfig`` fields, optionally under a ``model:`` key) which
-builds a randomly initialised memlm model, e.g. for MQAR or smoke tests.
+converted flash-linear-attention ones, plain transformers models), a model config file
+(``.yaml``/``.json`` holding ``MemLMConfig`` fields, optionally under a ``model:`` key, and optionally
+a ``preset`` to start from) or a preset name (:func:`memlm.load_preset`, e.g. ``attention_tiny``);
+a config file or a preset builds a randomly initialised memlm model, e.g. for MQAR or smoke tests.
 """
 
 from __future__ import annotations
@@ -35,8 +36,28 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def is_preset(spec: str | Path) -> bool:
+    """``spec`` names a preset (and no local path)."""
+    from memlm.presets import resolve_name
+
+    if Path(spec).exists():
+        return False
+    try:
+        resolve_name(str(spec))
+    except ValueError:
+        return False
+    return True
+
+
+def is_model_config(spec: str | Path) -> bool:
+    """``spec`` builds a randomly initialised model: a config file or a preset name (no tokenizer)."""
+    path = Path(spec)
+    return (path.suffix in _CONFIG_SUFFIXES and path.name != "config.json") or is_preset(spec)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON mapping; the ``model`` sub-mapping when there is one."""
+    """A YAML or JSON mapping; the ``model`` sub-mapping when there is one, a ``preset`` in it
+    expanded into the preset's fields (which the file's fields override)."""
     p = Path(path)
     if p.suffix == ".json":
         data = json.loads(p.read_text(encoding="utf-8"))
@@ -47,7 +68,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"model config {p} must hold a mapping of MemLMConfig fields, "
                          f"got {type(data).__name__}")
-    return dict(data.get("model", data))
+    from memlm.presets import expand_preset
+
+    return expand_preset(data.get("model", data))
 
 
 def load_model(spec: str | Path, device: str | None = "auto", dtype: str | torch.dtype = "float32",
@@ -60,8 +83,11 @@ def load_model(spec: str | Path, device: str | None = "auto", dtype: str | torch
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     path = Path(spec)
-    if path.is_file() and path.suffix in _CONFIG_SUFFIXES and path.name != "config.json":
-        model = MemLMForCausalLM(MemLMConfig(**{**(config_defaults or {}), **read_config_file(path)}))
+    if (path.is_file() and path.suffix in _CONFIG_SUFFIXES and path.name != "config.json") or is_preset(spec):
+        from memlm.presets import preset_fields
+
+        fields = read_config_file(path) if path.is_file() else preset_fields(str(spec))
+        model = MemLMForCausalLM(MemLMConfig(**{**(config_defaults or {}), **fields}))
         model = model.to(device=dev, dtype=dt)
     else:
         source = path.parent if path.name == "config.json" else spec

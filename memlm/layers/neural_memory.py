@@ -2,16 +2,16 @@
 
 Per head, an MLP memory ``M(x) = x + LN(W_L φ(… W_1 x))`` (depth ``L_M``, expansion, GELU) is
 written online: ``S_t = η_t S_{t−1} − θ_t ∇‖M_{t−1}(k_t) − v_t‖²``, ``M_t = (1 − α_t) M_{t−1} + S_t``
-(eqs. 13–14, chunked gradients: DESIGN.md §3), and read ``y_t = M_t(q_t)`` (eq. 15).
+(eqs. 13–14, chunked gradients: docs/design.md §3), and read ``y_t = M_t(q_t)`` (eq. 15).
 ``q, k, v`` are linear projections with a depthwise causal conv and SiLU, ``q, k`` ℓ2-normalised
 per head; ``θ_t = max_lr · σ(x W_θ)``, ``η_t = σ(x W_η)``, ``α_t = σ(x W_α)`` per head and token, or
 channel-wise (``gates: channel``: one per memory output unit, from rank-``gate_rank`` projections).
 The values are RMS-normalised per head (``value_norm``, ours): the memory's output ``x + LN(·)``
 has unit-scale entries whatever the input, so values at the projections' initial scale (entries
 ≈ 0.01) are targets the memory cannot fit; the inner error then stays at the size of the LayerNorm
-output, and the tiny LMM's training gradients spiked to 10³–10⁴. The read goes through a gated
-RMSNorm and the output projection. ``num_persistent`` learned tokens are written into the memory
-before each sequence (persistent memory, §3.3).
+output, and the tiny LMM's training gradients spiked (BENCHMARKS.md §5, "Training stability"). The
+read goes through a gated RMSNorm and the output projection. ``num_persistent`` learned tokens are
+written into the memory before each sequence (persistent memory, §3.3).
 
 Stability safeguards (off by default): ``grad_clip`` clamps each token's error gradient, and
 ``max_state_norm`` caps the norm of every memory weight matrix (kernel hooks ``l2_clip`` and
@@ -47,8 +47,8 @@ from memlm.kernels.deep_memory.objectives import (
     WEIGHT_STATE,
     check_hook_parameters,
     per_token_arguments,
-    retention_hook,
 )
+from memlm.kernels.deep_memory.spec import MemorySpec
 from memlm.layers.conv import ShortConvolution
 from memlm.layers.gates import GateProjection
 from memlm.layers.mixer import Mixer
@@ -142,6 +142,8 @@ class NeuralMemory(Mixer):
         super().__init__()
         self.opts = opts
         self.hooks = opts.hooks()
+        self.spec = MemorySpec(chunk_size=opts.chunk_size, activation=opts.activation, residual=opts.residual,
+                               norm=opts.memory_norm, **self.hooks)  # the memory, as the kernels take it
         self.num_heads = opts.num_heads or config.num_heads
         if opts.head_dim is None and hidden_size % self.num_heads:
             raise ValueError(f"titans_memory: hidden_size={hidden_size} is not divisible by num_heads={self.num_heads}")
@@ -163,7 +165,7 @@ class NeuralMemory(Mixer):
         self.lr_proj = gate(sum(dims[1:]))
         self.momentum_proj = gate(sum(dims[1:])) if opts.momentum else None
         self.forget_proj = gate(sum(dims[1:])) if opts.forget else None
-        uses_delta = "delta" in per_token_arguments(BIASES[self.hooks["bias"]])
+        uses_delta = "delta" in per_token_arguments(BIASES[self.spec.bias])
         self.delta_proj = gate(self.head_dim) if uses_delta else None
         self.memory_weights = nn.ParameterList(
             nn.Parameter(torch.zeros(self.num_heads, a, b)) for a, b in zip(dims, dims[1:])
@@ -178,7 +180,7 @@ class NeuralMemory(Mixer):
         """Memory MLP ~ N(0, 1/d_in) (softmax logits ~ N(0, 1), so that the hidden units differ); θ starts
         at max_lr/2, η ≈ 0.88, α ≈ 0.018; Huber's δ at about the size of a unit-variance error (√d for
         the norm switch, 1 per channel)."""
-        simplex = self.hooks["retention"] in WEIGHT_STATE  # logits A of W = c·Softmax(A): spread them
+        simplex = self.spec.retention in WEIGHT_STATE  # logits A of W = c·Softmax(A): spread them
         for w in self.memory_weights:
             init.normal_(w, mean=0.0, std=1.0 if simplex else 1.0 / math.sqrt(w.shape[1]))
         init.zeros_(self.lr_proj.bias)
@@ -249,9 +251,8 @@ class NeuralMemory(Mixer):
         momentum = [s.to(dtype) for s in memory[1]] if memory[1] is not None else None
         lr, eta, alpha, delta = (g.to(dtype) if g is not None else None for g in gates)
         return deep_memory(
-            q, k, v, lr, eta, alpha, weights, delta=delta, chunk_size=self.opts.chunk_size, residual=self.opts.residual,
-            norm=self.opts.memory_norm, activation=self.opts.activation, initial_momentum=momentum,
-            output_final_state=want_state, cu_seqlens=cu_seqlens, backend=self.opts.backend, **self.hooks,
+            q, k, v, lr, eta, alpha, weights, self.spec, delta=delta, initial_momentum=momentum,
+            output_final_state=want_state, cu_seqlens=cu_seqlens, backend=self.opts.backend,
         )
 
     def read(self, q: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -259,12 +260,10 @@ class NeuralMemory(Mixer):
         through the retention map like the kernel: ``R(A)``, or the weights themselves for retentions
         whose state is exchanged as the weights)."""
         qh = q.transpose(1, 2)  # [B, H, T, d]
-        retention = self.hooks["retention"]
         weights = [w.to(q.dtype) for w in weights]
-        if retention not in WEIGHT_STATE:  # the state handed around is A, the memory computes with R(A)
-            weights = [retention_hook(retention, self.hooks["retention_params"])(w) for w in weights]
-        out, _ = memory_apply(qh, weight_linear(weights), len(weights), activation=self.opts.activation,
-                              residual=self.opts.residual, norm=self.opts.memory_norm)
+        if self.spec.retention not in WEIGHT_STATE:  # the state handed around is A, the memory computes with R(A)
+            weights = [self.spec.mirror()(w) for w in weights]
+        out, _ = memory_apply(qh, weight_linear(weights), len(weights), self.spec)
         return out.transpose(1, 2)
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -277,10 +276,9 @@ class NeuralMemory(Mixer):
         beam search reorders its rows): the learned weights, after the persistent tokens. For
         retentions whose state is the weights (Memora's simplex) the parameters are ``A`` and the
         weights ``R(A)``, so they stay on the simplex whatever the optimiser does."""
-        retention = self.hooks["retention"]
         weights = list(self.memory_weights)
-        if retention in WEIGHT_STATE:
-            weights = [retention_hook(retention, self.hooks["retention_params"])(w) for w in weights]
+        if self.spec.retention in WEIGHT_STATE:
+            weights = [self.spec.mirror()(w) for w in weights]
         if not self.opts.num_persistent:
             return [w.expand(batch, *w.shape) for w in weights], None
         p = self.persistent_tokens[None]

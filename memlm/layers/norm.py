@@ -27,11 +27,11 @@ class NormalizedSigmoidGate(nn.Module):
     gating before the final output projection): ``W_O (y ⊙ σ(norm(m)))``.
 
     The paper normalises ``y`` as well (``normalize_y``: ``W_O (norm(y) ⊙ σ(norm(m)))``). Off by default:
-    the attention output starts near zero (RMS about 0.01) and the norm divides its gradient by that. In a
-    150-step tiny MAG language-model run the normalised form started at gradient norm 690 and reached
-    validation loss 5.63, against 4.71 without it (both forms spike later). On MQAR at lr 1e-3
-    the normalised form is the one whose memory branch learns (MAG 94.5% against 28.2%; BENCHMARKS.md):
-    with ``y`` unnormalised the memory's gradient is scaled by the small ``y``. The output projection keeps
+    the attention output starts near zero and the norm divides its gradient by that, so in a tiny MAG
+    language model the normalised form starts with a far larger gradient norm and ends at a higher
+    validation loss. On MQAR the normalised form is the one whose memory branch learns: with ``y``
+    unnormalised the memory's gradient is scaled by the small ``y``. The figures of both: BENCHMARKS.md §6
+    (claim 10). The output projection keeps
     the mixer's output at the scale of the other mixers' projections; without it the gate added an O(1)
     signal to the residual stream at initialisation."""
 

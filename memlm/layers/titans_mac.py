@@ -9,15 +9,16 @@ retrieve → attend → store, segment by segment:
 
 The memory reads the attention output through an RMSNorm (the memory sub-layer's pre-norm, as the
 block input is for LMM): the attention output starts near zero, and the ℓ2-normalised keys of a
-near-zero input amplify the gradients by orders of magnitude (the tiny MAC diverged without it).
+near-zero input amplify the gradients by orders of magnitude (the tiny MAC diverged without it:
+docs/log/2026-11-23-titans-stability-fixes.md).
 
 Causality inside a segment: the attention sees ``h_j`` and ``x_j`` only for ``j ≤ t`` (``h_j`` is
 computed from token ``j``'s query), done by interleaving ``(h_1, x_1, h_2, x_2, …)`` under a
 plain causal mask; the memory reads ``M_t`` after token ``t``'s write, never the segment's end state.
 
 ``normalize_attention`` selects the paper's gate ``W_O(norm(y) ⊙ σ(norm(M*(y))))`` (``layers/norm.py``). On
-MQAR (sequence 64, 4 pairs, BENCHMARKS.md) MAC stays at 25–27% for 600 steps and then learns the task (99.5% at
-step 1000 of a 1500-step schedule): it needs more steps than attention or the LMM, whatever the gate.
+MQAR MAC learns the task only after a long plateau: it needs more steps than attention or the LMM, whatever
+the gate (BENCHMARKS.md §8, claim 13).
 """
 
 from __future__ import annotations

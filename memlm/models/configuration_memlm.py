@@ -6,17 +6,24 @@ The stack is a per-layer list of mixer specs (``{"name": ..., **options}``), giv
   of ``ratio_mixer`` (default attention), repeated and cut at ``num_hidden_layers`` — so
   ``"3:1"`` puts attention at layers 3, 7, 11, …, i.e. after every 3 linear layers, or
 - ``layers``: the explicit list (one spec per layer), which overrides both.
+
+The *model fields* are ``__init__``'s named parameters but :attr:`MemLMConfig.RUNTIME_FIELDS`:
+what a preset (:func:`memlm.load_preset`) or a run config's ``model:`` section sets.
+:meth:`MemLMConfig.check_fields` checks such a mapping key by key, naming the key.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from transformers.configuration_utils import PreTrainedConfig
 
 from memlm.layers.mlp import default_intermediate_size
-from memlm.layers.registry import parse_spec
+from memlm.layers.registry import _type_ok, parse_spec
 
 _RATIO = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -35,9 +42,19 @@ def _as_spec(spec: Any) -> dict[str, Any]:
     return {"name": spec} if isinstance(spec, str) else dict(spec)
 
 
+_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads")
+
+
+def _check_positive(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
 class MemLMConfig(PreTrainedConfig):
     model_type = "memlm"
     keys_to_ignore_at_inference = ["cache"]
+    #: named ``__init__`` parameters that are not model fields: set from the tokenizer or at inference
+    RUNTIME_FIELDS = ("use_cache", "bos_token_id", "eos_token_id", "pad_token_id")
 
     def __init__(
         self,
@@ -64,8 +81,7 @@ class MemLMConfig(PreTrainedConfig):
     ) -> None:
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                             ("num_hidden_layers", num_hidden_layers), ("num_heads", num_heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MemLMConfig.{name} must be a positive integer, got {value!r}")
+            _check_positive(f"MemLMConfig.{name}", value)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -103,3 +119,52 @@ class MemLMConfig(PreTrainedConfig):
             return [dict(self.mixer) for _ in range(self.num_hidden_layers)]
         second = ratio_pattern(self.ratio, self.num_hidden_layers)
         return [dict(self.ratio_mixer if b else self.mixer) for b in second]
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """The model fields and their defaults (a mixer spec as a mapping: ``None`` means attention)."""
+        params = inspect.signature(cls.__init__).parameters
+        defaults = {name: p.default for name, p in params.items()
+                    if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD and name not in cls.RUNTIME_FIELDS}
+        defaults["mixer"] = {"name": "attention"}
+        return defaults
+
+    @classmethod
+    def check_fields(cls, fields: Mapping[str, Any], prefix: str = "MemLMConfig.",
+                     runtime: bool = False) -> dict[str, Any]:
+        """``fields`` checked key by key: each a model field (or one of :attr:`RUNTIME_FIELDS` when
+        ``runtime``), each value of its type, each mixer spec valid. Returns a copy with mixer names
+        as specs (``attention`` → ``{"name": "attention"}``) and integers as floats where a float is
+        expected. A ``ValueError`` names the key as ``prefix + key`` (e.g. ``model.hidden_size``)."""
+        params = inspect.signature(cls.__init__).parameters
+        allowed = [n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+                   and (runtime or n not in cls.RUNTIME_FIELDS)]
+        out: dict[str, Any] = {}
+        for key, value in fields.items():
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=3)
+                hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+                raise ValueError(f"{prefix}{key} is not a MemLMConfig model field; {hint}the model fields: {allowed}")
+            ann = str(params[key].annotation)
+            if not _type_ok(value, ann):
+                raise ValueError(f"{prefix}{key}={value!r} has the wrong type; expected {ann}")
+            if key in _POSITIVE:
+                _check_positive(f"{prefix}{key}", value)
+            if ann == "float" and isinstance(value, int):
+                value = float(value)
+            if key in ("mixer", "ratio_mixer") and value is not None:
+                parse_spec(value, where=f"{prefix}{key}")
+                value = _as_spec(value)
+            if key == "layers" and value is not None:
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(f"{prefix}layers must be a list of mixer specs, got {value!r}")
+                for i, spec in enumerate(value):
+                    parse_spec(spec, where=f"{prefix}layers[{i}]")
+                value = [_as_spec(s) for s in value]
+            if key == "ratio" and value is not None:
+                try:
+                    ratio_pattern(value, 1)
+                except ValueError as err:
+                    raise ValueError(f"{prefix}ratio: {err}") from None
+            out[key] = value
+        return out

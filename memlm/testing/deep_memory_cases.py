@@ -1,17 +1,27 @@
-"""Deep-memory Triton cases shared by the Triton test files: float64 inputs, the comparison of a
-Triton run with the naive per-token recurrence (outputs, final states, every input gradient) and
-its tolerance check."""
+"""Deep-memory cases shared by the kernel test files: a call with the memory's options as keywords
+(:func:`with_spec`), float64 inputs, the comparison of a Triton run with the naive per-token recurrence
+(outputs, final states, every input gradient) and its tolerance check."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from memlm.kernels.deep_memory.naive import deep_memory_naive
-from memlm.kernels.deep_memory.triton_chunk import deep_memory_triton
+from memlm.kernels.deep_memory.spec import MemorySpec
 
 F64 = torch.float64
+SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(MemorySpec))
+
+
+def with_spec(op, *args, **kw):
+    """``op(*args, spec, **rest)`` with the :class:`MemorySpec` fields among ``kw`` (``chunk_size``, ``bias``, …)
+    gathered into ``spec``: every deep-memory entry (the public op, naive, chunk, Triton) takes the spec after
+    the weights."""
+    spec = MemorySpec(**{name: kw.pop(name) for name in list(kw) if name in SPEC_FIELDS})
+    return op(*args, spec, **kw)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,8 +79,8 @@ def _prepare(x, device, dtype):
 
 
 def _run(op, x, cu_seqlens, **kw):
-    o, (W, S) = op(
-        x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
+    o, (W, S) = with_spec(
+        op, x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
         initial_momentum=x["initial_momentum"], delta=x["delta"], output_final_state=True, cu_seqlens=cu_seqlens,
         **kw,
     )  # fmt: skip
@@ -82,6 +92,8 @@ def compare(x, device, *, dtype=torch.float32, chunk_size=16, residual=True, nor
     """Relative errors of the Triton path (``dtype`` on ``device``) against naive in float64 on
     the same (dtype-rounded) inputs: outputs, final states and all input gradients. ``hooks``: the
     Miras ``bias``, ``retention`` and their parameters, passed to both."""
+    from memlm.kernels.deep_memory.triton.chunk import deep_memory_triton
+
     kw = dict(chunk_size=chunk_size, residual=residual, norm=norm, activation="gelu", **hooks)
     tri = _prepare(x, device, dtype)
     ref = _prepare(tri, "cpu", F64)  # the same (rounded) values as the kernel's inputs

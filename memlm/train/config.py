@@ -3,12 +3,18 @@
 ``load_config(path, overrides)`` merges: schema defaults ← YAML file ← dotted ``key=value``
 overrides. An unknown key, a wrong type or an invalid value raises ``ConfigError`` naming
 the key and what is allowed, before any work starts.
+
+The ``model:`` section holds ``MemLMConfig`` fields, which ``MemLMConfig`` checks
+(:meth:`~memlm.models.MemLMConfig.check_fields`); ``model.preset`` names a preset
+(:func:`memlm.load_preset`: ``attention_tiny``, ``titans_mag_340m``, … or a YAML file of fields)
+whose fields the file's and the command line's ``model.*`` keys then override.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +24,10 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from memlm.models.configuration_memlm import MemLMConfig
+from memlm.presets import preset_fields
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # a checkout's run and probe configs (not installed)
 
 
 class ConfigError(ValueError):
@@ -46,28 +55,6 @@ _YAMLLoader.add_implicit_resolver(
 def parse_yaml(text: str) -> Any:
     """One YAML document or scalar, read as :class:`_YAMLLoader` does."""
     return yaml.load(text, Loader=_YAMLLoader)
-
-
-@dataclass
-class ModelSection:
-    """``MemLMConfig`` fields; ``preset`` names a YAML under ``configs/models`` (or a path) to start from."""
-
-    preset: str | None = None
-    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    intermediate_size: int | None = None
-    mixer: dict[str, Any] = field(default_factory=lambda: {"name": "attention"})
-    ratio: str | None = None
-    ratio_mixer: dict[str, Any] | None = None
-    layers: list[Any] | None = None
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = True
 
 
 @dataclass
@@ -144,13 +131,14 @@ class LoggingSection:
     progress_bar: bool = True
     sample_tokens: int = 64
     probes: bool = True  # run the short recall probes into the report at the end
+    batch_checksum: bool = False  # log a checksum of each step's batches (tests of exact resume)
 
 
 @dataclass
 class RunConfig:
     name: str = MISSING
     output_dir: str = "runs"
-    model: ModelSection = field(default_factory=ModelSection)
+    model: dict[str, Any] = field(default_factory=dict)  # MemLMConfig fields and ``preset`` (see module docstring)
     data: DataSection = field(default_factory=DataSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -234,19 +222,23 @@ def _allowed_keys(section: str) -> list[str]:
         return [f.name for f in dataclasses.fields(RunConfig)]
     for f in dataclasses.fields(RunConfig):
         if f.name == section and f.default_factory is not dataclasses.MISSING:
-            return [g.name for g in dataclasses.fields(f.default_factory())]
+            value = f.default_factory()
+            return [g.name for g in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else []
     return []
 
 
-def _model_preset(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    candidate = CONFIG_DIR / "models" / f"{name}.yaml"
-    if candidate.exists():
-        return candidate
-    known = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
-    raise ConfigError(f"model.preset={name!r} is neither a YAML file nor one of {known}")
+def _model_section(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model:`` section checked by ``MemLMConfig``, with its defaults for the fields it leaves
+    out (``vocab_size`` null: the tokenizer's)."""
+    if not isinstance(section.get("preset"), (str, type(None))):
+        raise ConfigError(f"model.preset must be a preset name or a YAML file, got {section['preset']!r}")
+    fields = {k: v for k, v in section.items() if k != "preset" and not (k == "vocab_size" and v is None)}
+    try:
+        checked = MemLMConfig.check_fields(fields, prefix="model.")
+        MemLMConfig(**{k: v for k, v in checked.items() if v is not None})
+    except ValueError as err:
+        raise ConfigError(str(err) if str(err).startswith("model.") else f"model: {err}") from None
+    return {"preset": section.get("preset"), **MemLMConfig.field_defaults(), "vocab_size": None, **checked}
 
 
 def _mixer_names(raw: Any) -> Any:
@@ -289,13 +281,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     cli_cfg = OmegaConf.create(_mixer_names(cli))
     preset = OmegaConf.select(cli_cfg, "model.preset") or OmegaConf.select(file_cfg, "model.preset")
     if preset:
-        preset_cfg = _mixer_names({"model": parse_yaml(_model_preset(preset).read_text())})
-        cfg = _merge(cfg, preset_cfg, f"model.preset {preset!r}")
+        try:
+            fields = preset_fields(str(preset))
+        except ValueError as err:
+            raise ConfigError(f"model.preset: {err}") from None
+        cfg = _merge(cfg, {"model": fields}, f"model.preset {preset!r}")
     cfg = _merge(cfg, file_cfg, f"config file {str(path)!r}")
     cfg = _merge(cfg, cli_cfg, "command-line override")
     if OmegaConf.is_missing(cfg, "name"):
         raise ConfigError("name is required (set it in the YAML or pass name=<run name>)")
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    run.model = _model_section(run.model)
     validate(run)
     return run
 
@@ -304,7 +300,6 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def model_kwargs(section: ModelSection) -> dict[str, Any]:
-    """The ``MemLMConfig`` keyword arguments of a model section (``preset`` dropped, nulls dropped)."""
-    kwargs = {k: v for k, v in dataclasses.asdict(section).items() if k != "preset" and v is not None}
-    return kwargs
+def model_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``MemLMConfig`` keyword arguments of a (loaded) model section (``preset`` dropped, nulls dropped)."""
+    return {k: v for k, v in section.items() if k != "preset" and v is not None}

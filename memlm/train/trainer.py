@@ -25,7 +25,7 @@ from memlm.models import MemLMConfig, MemLMForCausalLM
 from memlm.train import checkpoint
 from memlm.train.config import ConfigError, RunConfig, check_trackers_installed, model_kwargs, to_yaml
 from memlm.train.corpus import load_documents
-from memlm.train.data import ShuffledLoader, StreamingLoader, pack
+from memlm.train.data import Batch, ShuffledLoader, StreamingLoader, pack
 from memlm.train.metrics import JSONLTracker, flops_per_token, peak_flops, truncate_after
 from memlm.train.optim import build_optimizer, build_scheduler
 from memlm.train.report import write_report
@@ -137,6 +137,48 @@ def _validate(model: torch.nn.Module, val_rows: torch.Tensor, cfg: RunConfig, ac
     return nll / count
 
 
+@dataclass
+class StepResult:
+    loss: float  # mean over processes and micro-batches
+    grad_norm: float  # before clipping
+    applied: bool  # False when the loss or the gradient norm was not finite: no update
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: list[Batch],
+               accelerator: Accelerator, cfg: RunConfig) -> StepResult:
+    """One optimizer step over this process's micro-batches: forward and backward each (gradients
+    synchronised across processes on the last), clip, update unless the loss or the gradient norm
+    is not finite, and advance the schedule by one step either way."""
+    total_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        if cfg.data.document_masking:
+            ids, cu_seqlens, labels = batch.packed()
+            extra = {"cu_seqlens": cu_seqlens.to(accelerator.device)}
+        else:
+            ids, labels, extra = batch.input_ids, batch.input_ids, {}
+        ids, labels = ids.to(accelerator.device), labels.to(accelerator.device)
+        with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
+            with accelerator.autocast():
+                loss = model(input_ids=ids, labels=labels, **extra).loss / len(batches)
+            accelerator.backward(loss)
+        total_loss += loss.detach().float()
+    loss_value = accelerator.reduce(total_loss.reshape(1), reduction="mean").item()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepResult(loss_value, grad_norm, applied)
+
+
+def batch_checksum(batches: list[Batch]) -> int:
+    """A position-weighted sum of the step's token ids (``logging.batch_checksum``: lets tests see
+    that a resumed run reads exactly the batches of an uninterrupted one)."""
+    return sum(int((b.input_ids * torch.arange(1, b.input_ids.shape[1] + 1)).sum()) for b in batches)
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) one pretraining run; returns the summary written into the report."""
     run_dir = cfg.run_dir
@@ -177,7 +219,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
              "processes": world}
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, kwargs, setup)
-    model = MemLMForCausalLM(MemLMConfig(**kwargs))
+    model_config = MemLMConfig(**kwargs)
+    model = MemLMForCausalLM(model_config)
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.steps)
@@ -199,7 +242,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         accelerator.init_trackers(cfg.name)
 
     # --- the loop -------------------------------------------------------------------------------
-    flops_tok = flops_per_token(num_params, cfg.model.num_hidden_layers, cfg.model.hidden_size, seq_len)
+    flops_tok = flops_per_token(num_params, model_config.num_hidden_layers, model_config.hidden_size, seq_len)
     peak = peak_flops(accelerator.device)
     stop = cfg.training.stop_at_step or cfg.training.steps
     bar = tqdm(total=cfg.training.steps, initial=state.step, disable=not (cfg.logging.progress_bar
@@ -209,34 +252,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     wall_time_before = state.wall_time_s
     val_loss = None
     while state.step < stop:
-        total_loss = torch.zeros((), device=accelerator.device)
-        checksum = 0
-        for micro in range(cfg.training.grad_accum):
-            batch = loader.next_batch()
-            checksum += int((batch.input_ids * torch.arange(1, seq_len + 1)).sum())
-            if cfg.data.document_masking:
-                ids, cu_seqlens, labels = batch.packed()
-                extra = {"cu_seqlens": cu_seqlens.to(accelerator.device)}
-            else:
-                ids, labels, extra = batch.input_ids, batch.input_ids, {}
-            ids, labels = ids.to(accelerator.device), labels.to(accelerator.device)
-            last = micro == cfg.training.grad_accum - 1
-            with accelerator.no_sync(model) if not last else nullcontext():
-                with accelerator.autocast():
-                    loss = model(input_ids=ids, labels=labels, **extra).loss / cfg.training.grad_accum
-                accelerator.backward(loss)
-            total_loss += loss.detach().float()
-        loss_value = accelerator.reduce(total_loss.reshape(1), reduction="mean").item()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-        else:
-            state.skipped_steps += 1
-        optimizer.zero_grad(set_to_none=True)
+        batches = [loader.next_batch() for _ in range(cfg.training.grad_accum)]
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        result = train_step(model, optimizer, scheduler, batches, accelerator, cfg)
+        state.skipped_steps += not result.applied
         state.step += 1
         state.tokens_seen += mb * world * cfg.training.grad_accum * seq_len
 
@@ -244,14 +263,15 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             now = time.time()
             tok_s = (state.tokens_seen - tick_tokens) / max(now - tick, 1e-9)
             tick, tick_tokens = now, state.tokens_seen
-            record = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            record = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                       "tokens_per_s": tok_s, "tokens_seen": state.tokens_seen,
-                      "skipped_steps": state.skipped_steps, "data_position": loader.position,
-                      "batch_checksum": checksum}
+                      "skipped_steps": state.skipped_steps, "data_position": loader.position}
             if peak:
                 record["mfu"] = tok_s * flops_tok / (peak * world)
+            if cfg.logging.batch_checksum:
+                record["batch_checksum"] = batch_checksum(batches)
             accelerator.log(record, step=state.step)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tok_s:,.0f}")
         if state.step % cfg.logging.val_every == 0 or state.step == cfg.training.steps:
             val_loss = _validate(model, val_rows, cfg, accelerator)
             accelerator.log({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=state.step)

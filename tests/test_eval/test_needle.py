@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 
 import pytest
 
@@ -132,8 +131,7 @@ def test_cli_passkey_and_perplexity(tmp_path, checkpoint_dir, capsys):
 
 def test_cli_config_model_takes_the_tokenizer_vocabulary(tmp_path, checkpoint_dir, tokenizer):
     out = tmp_path / "out"
-    cfg = Path(__file__).resolve().parents[2] / "configs" / "models" / "transformer_pp_tiny.yaml"
-    assert cli.main(["s-niah-1", "--model", str(cfg), "--tokenizer", str(checkpoint_dir), "--lengths",
+    assert cli.main(["s-niah-1", "--model", "attention_tiny", "--tokenizer", str(checkpoint_dir), "--lengths",
                      "256", "--depths", "0", "--samples", "1", "--max-new-tokens", "2", "--out", str(out),
                      "--name", "r", "--no-progress"]) == 0
     assert json.loads((out / "r.json").read_text())["samples"][0]["prompt_tokens"] <= 254

@@ -3,13 +3,25 @@ recurrence against an independent autograd loop, varlen, state carry, hooks and 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from memlm.kernels import deep_memory
-from memlm.kernels.deep_memory import BIASES, RETENTIONS, deep_memory_chunk, deep_memory_naive
+from memlm.kernels.deep_memory import (
+    BIASES,
+    RETENTIONS,
+    MemorySpec,
+    deep_memory_chunk,
+    deep_memory_naive,
+    select_path,
+)
+from memlm.testing.deep_memory_cases import with_spec
 from memlm.testing.reference import memory_fn, online_gd
+
+torch_path = partial(deep_memory, backend="torch")  # the chunked PyTorch path, its loop picked by select_path
 
 F64 = torch.float64
 LINEAR = dict(depth=1, expansion=1, residual=False, norm=False)  # L = 1: linear memory
@@ -40,8 +52,8 @@ def make_inputs(B=2, T=11, H=2, D=4, *, depth, expansion, n_state=None, dtype=F6
 
 def run(op, x, **kw):
     """``op`` on the inputs of :func:`make_inputs`; returns (o, W_T list, S_T list)."""
-    o, (W, S) = op(
-        x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
+    o, (W, S) = with_spec(
+        op, x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
         initial_momentum=x["s0"], output_final_state=True, **kw,
     )  # fmt: skip
     return o, W, S
@@ -69,7 +81,7 @@ def assert_same(x, op_a, op_b, tol, **kw):
 def test_chunk_matches_naive(cfg, chunk_size):
     x = make_inputs(**cfg, n_state=2)
     kw = dict(chunk_size=chunk_size, residual=cfg["residual"], norm=cfg["norm"])
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, **kw)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, **kw)
 
 
 @pytest.mark.parametrize("cfg", [LINEAR, TITANS], ids=["L1", "L2"])
@@ -77,12 +89,12 @@ def test_chunk_matches_naive_varlen(cfg):
     x = make_inputs(B=1, T=14, **cfg, n_state=4)
     cu = torch.tensor([0, 3, 9, 10, 14])
     kw = dict(chunk_size=4, residual=cfg["residual"], norm=cfg["norm"], cu_seqlens=cu)
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, **kw)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, **kw)
 
 
 def test_chunk_matches_naive_float32():
     x = make_inputs(B=2, T=37, H=2, D=16, **TITANS, dtype=torch.float32, grad=False)
-    a, b = run(deep_memory_chunk, x, chunk_size=8), run(deep_memory_naive, x, chunk_size=8)
+    a, b = run(torch_path, x, chunk_size=8), run(deep_memory_naive, x, chunk_size=8)
     for u, w in zip([a[0], *a[1], *a[2]], [b[0], *b[1], *b[2]]):
         assert rel(u, w) < 1e-5
 
@@ -146,13 +158,13 @@ def test_none_gates_equal_zeros(backend):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("op", [deep_memory_naive, deep_memory_chunk], ids=["naive", "torch"])
+@pytest.mark.parametrize("op", [deep_memory_naive, torch_path], ids=["naive", "torch"])
 def test_gradcheck(op):
     x = make_inputs(B=1, T=5, H=1, D=2, depth=2, expansion=1)
 
     def fn(q, k, v, lr, momentum, forget, w1, w2, s1, s2):
-        o, (W, S) = op(q, k, v, lr, momentum, forget, [w1, w2], chunk_size=2, initial_momentum=[s1, s2],
-                       output_final_state=True)  # fmt: skip
+        o, (W, S) = with_spec(op, q, k, v, lr, momentum, forget, [w1, w2], chunk_size=2, initial_momentum=[s1, s2],
+                              output_final_state=True)  # fmt: skip
         return o, *W, *S
 
     assert torch.autograd.gradcheck(fn, tuple(leaves(x)))
@@ -168,7 +180,7 @@ def test_edge_gates_exact(cfg):
     for t in leaves(x):
         t.requires_grad_()
     kw = dict(chunk_size=4, residual=cfg["residual"], norm=cfg["norm"])
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, **kw)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, **kw)
 
 
 @pytest.mark.parametrize("backend", ["torch", "naive"])
@@ -198,11 +210,24 @@ def test_shared_weights_equal_per_sequence_copies():
 def test_dispatch():
     x = make_inputs(**TITANS, grad=False)
     auto = run(deep_memory, x, chunk_size=4)
-    torch.testing.assert_close(auto[0], run(deep_memory_chunk, x, chunk_size=4)[0], rtol=0, atol=0)
+    path = select_path("auto", x["q"], MemorySpec(chunk_size=4))
+    assert path in ("cpu", "hand_written")  # CPU float64, the Titans memory: a loop with a hand-written backward
+    chunked = partial(deep_memory_chunk, loop=path)
+    torch.testing.assert_close(auto[0], run(chunked, x, chunk_size=4)[0], rtol=0, atol=0)
     naive = run(deep_memory, x, chunk_size=4, backend="naive")
     torch.testing.assert_close(naive[0], run(deep_memory_naive, x, chunk_size=4)[0], rtol=0, atol=0)
     o, state = deep_memory(x["q"], x["k"], x["v"], x["lr"], None, None, x["weights"])
     assert state is None and o.shape == x["q"].shape
+
+
+def test_spec_or_keywords():
+    """The memory's options as one ``MemorySpec`` or as keywords, which override the spec's fields: the same op."""
+    x = make_inputs(**TITANS, grad=False)
+    args = [x[n] for n in ("q", "k", "v", "lr", "momentum", "forget")] + [x["weights"]]
+    by_keywords = deep_memory(*args, chunk_size=3, norm=False)[0]
+    cases = [(MemorySpec(chunk_size=3, norm=False), {}), (MemorySpec(chunk_size=5), dict(chunk_size=3, norm=False))]
+    for spec, overrides in cases:
+        torch.testing.assert_close(deep_memory(*args, spec, **overrides)[0], by_keywords, rtol=0, atol=0)
 
 
 def test_hooks_are_shared_by_naive_and_chunk(monkeypatch):
@@ -211,7 +236,7 @@ def test_hooks_are_shared_by_naive_and_chunk(monkeypatch):
     monkeypatch.setitem(RETENTIONS, "shrink", lambda w: w / (1 + w.norm(dim=(-2, -1), keepdim=True)))
     x = make_inputs(**TITANS)
     kw = dict(chunk_size=3, bias="cubic", retention="shrink")
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, **kw)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, **kw)
     assert rel(run(deep_memory, x, **kw)[0], run(deep_memory, x, chunk_size=3)[0]) > 1e-3
 
 
@@ -327,16 +352,16 @@ def test_chunk_matches_naive_long(chunk_size, norm, T):
     x["lr"] = x["lr"] / 5
     for t in leaves(x):
         t.requires_grad_()
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, chunk_size=chunk_size, norm=norm)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, chunk_size=chunk_size, norm=norm)
 
 
 def test_benchmark_quick(capsys, monkeypatch):
-    """``benchmarks/kernels.py --quick`` measures every CPU row and prints one markdown table."""
+    """``benchmarks/kernel_bench.py --quick`` measures every CPU row and prints one markdown table."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
     spec = importlib.util.spec_from_file_location("kernels_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)

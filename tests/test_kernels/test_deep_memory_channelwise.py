@@ -7,18 +7,20 @@ repeated over C, the Miras hooks, and bad input."""
 
 from __future__ import annotations
 
-import importlib
 import sys
+from functools import partial
 
 import pytest
 import torch
 
 from memlm.kernels import deep_memory
-from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
+from memlm.kernels.deep_memory import MemorySpec, deep_memory_chunk, deep_memory_naive, select_path
 from memlm.kernels.deep_memory.objectives import huber_bias
+from memlm.kernels.deep_memory.pytorch.dual_form import implements
+from memlm.testing.deep_memory_cases import with_spec
 from memlm.testing.reference import online_gd
 
-chunk_module = importlib.import_module("memlm.kernels.deep_memory.chunk")
+torch_path = partial(deep_memory, backend="torch")  # the chunked PyTorch path, its loop picked by select_path
 
 F64 = torch.float64
 LINEAR = dict(depth=1, expansion=1, residual=False, norm=False)  # L = 1: linear memory, C = D
@@ -72,8 +74,8 @@ def leaves(x: dict) -> list[torch.Tensor]:
 
 def run(op, x, **kw):
     """``op`` on the inputs of :func:`make_inputs`; returns ``[o, *W_T, *S_T]``."""
-    o, (W, S) = op(
-        x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
+    o, (W, S) = with_spec(
+        op, x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
         initial_momentum=x["s0"], output_final_state=True, **kw,
     )  # fmt: skip
     return [o, *W, *S]
@@ -100,14 +102,14 @@ def test_chunk_matches_naive(cfg, channel):
     """T = 11 with chunks of 4 (a partial last chunk), per-sequence initial weights and momentum."""
     x = make_inputs(channel=CHANNELS[channel], n_state=2, **cfg)
     kw = dict(chunk_size=4, residual=cfg["residual"], norm=cfg["norm"])
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, **kw)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, **kw)
 
 
 @pytest.mark.parametrize("cfg", [LINEAR, TITANS], ids=["L1", "L2"])
 def test_chunk_matches_naive_varlen(cfg):
     x = make_inputs(B=1, T=14, n_state=4, **cfg)
     kw = dict(chunk_size=4, residual=cfg["residual"], norm=cfg["norm"], cu_seqlens=torch.tensor([0, 3, 9, 10, 14]))
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, **kw)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, **kw)
 
 
 @pytest.mark.parametrize("cfg", [LINEAR, TITANS], ids=["L1", "L2"])
@@ -129,7 +131,7 @@ def test_online_gd_matches_per_token_loop(cfg, backend):
 
 
 @pytest.mark.parametrize("channel", ["all", "forget"])  # every gate, and θ, η per head with α channel-wise
-@pytest.mark.parametrize("op", [deep_memory_chunk, deep_memory_naive], ids=["torch", "naive"])
+@pytest.mark.parametrize("op", [torch_path, deep_memory_naive], ids=["torch", "naive"])
 def test_per_head_gate_equals_gate_repeated_over_channels(op, channel):
     """A ``[B, T, H]`` gate is the same gate repeated over C (the chunked path compares its hand-written
     per-head backward with the channel-wise autograd loop)."""
@@ -154,7 +156,7 @@ def test_channel_gates_act_on_their_own_units():
         x["lr"][..., :d1] = 0.0
         x["momentum"][..., :d1] = 0.0
         x["forget"][..., d1:] = 0.0
-    for op in (deep_memory_chunk, deep_memory_naive):
+    for op in (torch_path, deep_memory_naive):
         _, W1, W2, S1, _ = run(op, x, chunk_size=4)
         assert not W1.any() and not S1.any()
         assert rel(W2, x["weights"][1].expand_as(W2)) > 1e-3
@@ -176,7 +178,7 @@ def test_channel_delta_huber_chunk_matches_naive(gates):
     x = make_inputs(channel=GATES if gates == "channel" else (), **TITANS)
     delta = (torch.rand(*x["q"].shape, dtype=F64) * 3).requires_grad_()
     x["extra"] = [delta]
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, chunk_size=4, bias="huber", delta=delta)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, chunk_size=4, bias="huber", delta=delta)
 
 
 def test_channel_delta_switches_per_coordinate():
@@ -187,7 +189,7 @@ def test_channel_delta_switches_per_coordinate():
     outs = {}
     for name, d in (("norm", delta), ("coordinate", delta.unsqueeze(-1).expand_as(x["q"]))):
         chunk, naive = (
-            run(deep_memory_chunk, x, chunk_size=4, bias="huber", delta=d),
+            run(torch_path, x, chunk_size=4, bias="huber", delta=d),
             run(deep_memory_naive, x, chunk_size=4, bias="huber", delta=d),
         )
         assert all(rel(a, b) < 1e-10 for a, b in zip(chunk, naive))
@@ -206,7 +208,7 @@ HOOKS = {
 def test_miras_hooks_with_channel_gates(hook):
     options, inputs = HOOKS[hook]
     x = make_inputs(channel=GATES, n_state=2, **TITANS, **inputs)
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, chunk_size=4, **options)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, chunk_size=4, **options)
 
 
 def test_dispatch_keeps_channel_gates_off_triton(monkeypatch):
@@ -215,10 +217,12 @@ def test_dispatch_keeps_channel_gates_off_triton(monkeypatch):
     module = sys.modules["memlm.kernels.deep_memory"]
     monkeypatch.setattr(module, "resolve_backend", lambda backend, ref: "triton")
     x = make_inputs(channel=("forget",), **TITANS)
-    for a, b in zip(run(deep_memory, x, chunk_size=4), run(deep_memory_chunk, x, chunk_size=4), strict=True):
+    assert select_path("auto", x["q"], MemorySpec(), ["forget"]) == "autograd"
+    autograd_loop = partial(deep_memory_chunk, loop="autograd")
+    for a, b in zip(run(deep_memory, x, chunk_size=4), run(autograd_loop, x, chunk_size=4), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert chunk_module.hand_written_backward("l2", "none", "gelu")
-    assert not chunk_module.hand_written_backward("l2", "none", "gelu", channel_wise=True)
+    assert implements(MemorySpec(), channel_wise=False)
+    assert not implements(MemorySpec(), channel_wise=True)
 
 
 def test_triton_rejects_channel_gates(monkeypatch):
@@ -275,4 +279,4 @@ def test_chunk_matches_naive_long(chunk_size):
     with torch.no_grad():
         x["q"].copy_(torch.nn.functional.normalize(x["q"], dim=-1))
         x["k"].copy_(torch.nn.functional.normalize(x["k"], dim=-1))
-    assert_same(x, deep_memory_chunk, deep_memory_naive, 1e-10, chunk_size=chunk_size)
+    assert_same(x, torch_path, deep_memory_naive, 1e-10, chunk_size=chunk_size)

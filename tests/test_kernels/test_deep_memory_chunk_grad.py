@@ -1,23 +1,24 @@
-"""The hand-written backward of the chunked deep-memory op (``chunk_function.DualFormChunks``) against
+"""The hand-written backward of the chunked deep-memory op (``pytorch/dual_form.py``: ``DualFormChunks``) against
 the same chunk loop differentiated by autograd, against the naive per-token recurrence, and by
-finite differences; plus the dispatch between the two chunked loops. The op's loop runs in two
-implementations, compiled (``cpu_dual_form.cpp``) and PyTorch: the ``loop`` fixture runs a test with each."""
+finite differences; plus the choice between the chunked loops (``select_path``). The hand-written loop runs in two
+implementations, compiled (``cpu/dual_form.cpp``, path ``cpu``) and PyTorch (path ``hand_written``): the ``loop``
+fixture runs a test with each."""
 
 from __future__ import annotations
 
-import importlib
 import math
 import shutil
+from functools import partial
 
 import pytest
 import torch
 import torch.utils.cpp_extension
 
-from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
-
-chunk_module = importlib.import_module("memlm.kernels.deep_memory.chunk")
-function_module = importlib.import_module("memlm.kernels.deep_memory.chunk_function")
-kernel_module = importlib.import_module("memlm.kernels.deep_memory.cpu_kernel")
+from memlm.kernels import deep_memory
+from memlm.kernels.deep_memory import MemorySpec, deep_memory_chunk, deep_memory_naive, select_path
+from memlm.kernels.deep_memory.cpu import loader
+from memlm.kernels.deep_memory.pytorch.dual_form import gelu_second, implements
+from memlm.testing.deep_memory_cases import with_spec
 
 F64 = torch.float64
 CONFIGS = {
@@ -50,34 +51,30 @@ def make_inputs(B, T, H, D, *, depth, expansion, n_state=None, momentum=True, dt
 
 def outputs_and_grads(op, x, seed=1, **kw):
     """Output, final states and the gradients of every leaf for one random cotangent."""
-    o, (W, S) = op(*x["args"], initial_momentum=x["s0"], output_final_state=True, **kw)
+    o, (W, S) = with_spec(op, *x["args"], initial_momentum=x["s0"], output_final_state=True, **kw)
     flat = [o, *W, *S]
     gen = torch.Generator().manual_seed(seed)
     cot = [torch.randn(t.shape, dtype=F64, generator=gen).to(t.dtype) for t in flat]
     return flat, torch.autograd.grad(flat, x["leaves"], cot)
 
 
-@pytest.fixture(params=["compiled", "torch"])
-def loop(request, monkeypatch):
-    """Run the test with the compiled CPU loop (where a C++ compiler exists: then it must build) and with
-    the PyTorch loop."""
-    if request.param == "torch":
-        monkeypatch.setattr(function_module, "dual_form_kernel", lambda *args: None)
-    else:
+@pytest.fixture(params=["cpu", "hand_written"])
+def loop(request):
+    """The chunked op with the compiled CPU loop (where a C++ compiler exists: then it must build) and with the
+    PyTorch loop, both with the hand-written backward."""
+    if request.param == "cpu":
         require_kernel()
-    return request.param
+    return partial(deep_memory_chunk, loop=request.param)
 
 
 def require_kernel() -> None:
-    """Skip without a C++ compiler; with one, the compiled CPU kernel must build."""
+    """Skip without a C++ compiler; with one, the compiled CPU kernel must build (and serve the op)."""
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler to build the CPU kernel")
-    assert kernel_module.dual_form_kernel(torch.zeros(1, dtype=F64), "gelu") is not None
+    assert select_path("torch", torch.zeros(1, dtype=F64), MemorySpec()) == "cpu"
 
 
-def autograd_path(monkeypatch):
-    """Route deep_memory_chunk through the autograd chunk loop for the rest of the test."""
-    monkeypatch.setattr(chunk_module, "hand_written_backward", lambda *args: False)
+autograd_loop = partial(deep_memory_chunk, loop="autograd")  # the same chunks differentiated by autograd
 
 
 def assert_close(a, b, tol):
@@ -89,23 +86,19 @@ def assert_close(a, b, tol):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("T,chunk_size", [(11, 4), (8, 8), (7, 1)])
-def test_matches_autograd_loop(loop, monkeypatch, name, T, chunk_size):
+def test_matches_autograd_loop(loop, name, T, chunk_size):
     cfg = CONFIGS[name]
     x = make_inputs(2, T, 2, 4, **cfg)
     kw = dict(chunk_size=chunk_size, residual=cfg["residual"], norm=cfg["norm"])
-    manual = outputs_and_grads(deep_memory_chunk, x, **kw)
-    autograd_path(monkeypatch)
-    assert_close(manual, outputs_and_grads(deep_memory_chunk, x, **kw), 1e-10)
+    assert_close(outputs_and_grads(loop, x, **kw), outputs_and_grads(autograd_loop, x, **kw), 1e-10)
 
 
 @pytest.mark.parametrize("momentum", [True, False], ids=["S0", "no-S0"])
-def test_varlen_per_sequence_state_matches_autograd_loop(loop, monkeypatch, momentum):
+def test_varlen_per_sequence_state_matches_autograd_loop(loop, momentum):
     cfg = CONFIGS["titans"]
     x = make_inputs(1, 14, 2, 4, **cfg, n_state=4, momentum=momentum)
     kw = dict(chunk_size=4, cu_seqlens=torch.tensor([0, 3, 9, 10, 14]))
-    manual = outputs_and_grads(deep_memory_chunk, x, **kw)
-    autograd_path(monkeypatch)
-    assert_close(manual, outputs_and_grads(deep_memory_chunk, x, **kw), 1e-10)
+    assert_close(outputs_and_grads(loop, x, **kw), outputs_and_grads(autograd_loop, x, **kw), 1e-10)
 
 
 @pytest.mark.parametrize("name", ["titans", "linear"])
@@ -117,7 +110,7 @@ def test_matches_naive(loop, name):
         chunk_size=3, residual=cfg["residual"], norm=cfg["norm"], cu_seqlens=torch.tensor([0, 2, 7, 13])
     )
     assert_close(
-        outputs_and_grads(deep_memory_chunk, x, **kw), outputs_and_grads(deep_memory_naive, x, **kw), 1e-10
+        outputs_and_grads(loop, x, **kw), outputs_and_grads(deep_memory_naive, x, **kw), 1e-10
     )
 
 
@@ -134,7 +127,7 @@ def test_float32_matches_float64_naive(loop):
     x64 = make_inputs(2, 37, 2, 16, **cfg)
     x32 = as_float32(x64)
     (f32, g32), (f64, g64) = (
-        outputs_and_grads(deep_memory_chunk, x32, chunk_size=8),
+        outputs_and_grads(loop, x32, chunk_size=8),
         outputs_and_grads(deep_memory_naive, x64, chunk_size=8),
     )
     for u, w in zip([*f32, *g32], [*f64, *g64]):
@@ -152,8 +145,8 @@ def test_gradcheck(loop, name):
     n_w = cfg["depth"]
 
     def fn(q, k, v, lr, eta, alpha, *state):
-        o, (W, S) = deep_memory_chunk(
-            q, k, v, lr, eta, alpha, list(state[:n_w]), initial_momentum=list(state[n_w:]), chunk_size=2,
+        o, (W, S) = with_spec(
+            loop, q, k, v, lr, eta, alpha, list(state[:n_w]), initial_momentum=list(state[n_w:]), chunk_size=2,
             residual=cfg["residual"], norm=cfg["norm"], output_final_state=True,
         )  # fmt: skip
         return o, *W, *S
@@ -164,7 +157,8 @@ def test_gradcheck(loop, name):
 def test_dispatch():
     """The hand-written backward serves ℓ2 / identity retention with an activation it differentiates
     twice; every other hook goes through the autograd loop."""
-    assert chunk_module.hand_written_backward("l2", "none", "gelu")
+    assert implements(MemorySpec(), channel_wise=False)
+    q = torch.zeros(1, dtype=F64)
     for bias, retention in [
         ("lp", "none"),
         ("huber", "none"),
@@ -172,36 +166,36 @@ def test_dispatch():
         ("l2", "lq_norm"),
         ("l2", "softmax"),
     ]:
-        assert not chunk_module.hand_written_backward(bias, retention, "gelu")
-    assert not chunk_module.hand_written_backward("l2", "none", "relu")
+        spec = MemorySpec(bias=bias, retention=retention)
+        assert not implements(spec, channel_wise=False)
+        assert select_path("torch", q, spec) == select_path("auto", q, spec) == "autograd"
+    assert not implements(MemorySpec(activation="relu"), channel_wise=False)
+    assert select_path("naive", q, MemorySpec()) == "naive"
 
 
 def test_gelu_second_derivative():
     z = torch.linspace(-4, 4, 101, dtype=F64, requires_grad=True)
     (first,) = torch.autograd.grad(torch.nn.functional.gelu(z).sum(), z, create_graph=True)
     (second,) = torch.autograd.grad(first.sum(), z)
-    assert rel(function_module.gelu_second(z.detach()), second) < 1e-12
+    assert rel(gelu_second(z.detach()), second) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["titans", "deep-norm", "linear"])
-def test_compiled_loop_matches_torch_loop(monkeypatch, name):
+def test_compiled_loop_matches_torch_loop(name):
     """The compiled loop against the PyTorch loop at the mixers' chunk size (16), odd length, two heads: in float64
     to round-off; in float32 its errors against the float64 result are no larger than the PyTorch loop's. One
     rounding early in the recurrence sets a whole run's errors, so the ratio is a geometric mean over 6 inputs and
-    all outputs and gradients: ≤ 1.5 (measured 0.68 / 0.91 / 1.01 for titans / deep-norm / linear), none above 10×
-    (worst measured 4.8)."""
+    all outputs and gradients: ≤ 1.5, none above 10× (the measured ratios: BENCHMARKS.md §3, "Titans LMM mixer vs
+    titans-pytorch", Accuracy)."""
     require_kernel()
     cfg = CONFIGS[name]
     kw = dict(chunk_size=16, residual=cfg["residual"], norm=cfg["norm"])
-    torch_loop = lambda *args: None  # noqa: E731
     log_ratios = []
     for _ in range(6):
         x = make_inputs(2, 53, 2, 8, **cfg)
-        run = lambda inputs: outputs_and_grads(deep_memory_chunk, inputs, **kw)  # noqa: E731
-        compiled, compiled32 = run(x), run(as_float32(x))
-        with monkeypatch.context() as patch:
-            patch.setattr(function_module, "dual_form_kernel", torch_loop)
-            reference, reference32 = run(x), run(as_float32(x))
+        run = lambda inputs, loop: outputs_and_grads(deep_memory_chunk, inputs, loop=loop, **kw)  # noqa: E731
+        compiled, compiled32 = run(x, "cpu"), run(as_float32(x), "cpu")
+        reference, reference32 = run(x, "hand_written"), run(as_float32(x), "hand_written")
         assert_close(compiled, reference, 1e-11)
         for ours, theirs, exact in zip(*([*r[0], *r[1]] for r in (compiled32, reference32, reference))):
             assert ours.dtype == torch.float32
@@ -219,18 +213,18 @@ def test_compiled_loop_fallback(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    kernel_module._load.cache_clear()
+    loader.load.cache_clear()
     x = make_inputs(1, 9, 2, 4, **CONFIGS["titans"])
     try:
         with pytest.warns(UserWarning, match=r"kernel is unavailable \(RuntimeError: no C\+\+ compiler\); using"):
-            fallback = outputs_and_grads(deep_memory_chunk, x, chunk_size=4)
-        assert kernel_module.dual_form_kernel(x["leaves"][0], "gelu") is None
+            fallback = outputs_and_grads(partial(deep_memory, backend="torch"), x, chunk_size=4)
+        assert select_path("torch", x["leaves"][0], MemorySpec()) == "hand_written"
     finally:
-        kernel_module._load.cache_clear()  # later tests load the real kernel again
-    monkeypatch.setattr(function_module, "dual_form_kernel", lambda *args: None)
-    assert_close(fallback, outputs_and_grads(deep_memory_chunk, x, chunk_size=4), 1e-14)
+        loader.load.cache_clear()  # later tests load the real kernel again
+    hand_written = partial(deep_memory_chunk, loop="hand_written")
+    assert_close(fallback, outputs_and_grads(hand_written, x, chunk_size=4), 1e-14)
     monkeypatch.setenv("MEMLM_CPU_KERNEL", "yes")
     with pytest.raises(ValueError, match=r"MEMLM_CPU_KERNEL='yes' is not one of \('0', '1'\)"):
-        kernel_module.dual_form_kernel(torch.zeros(1), "gelu")
+        select_path("torch", torch.zeros(1), MemorySpec())
     monkeypatch.setenv("MEMLM_CPU_KERNEL", "0")
-    assert kernel_module.dual_form_kernel(torch.zeros(1), "gelu") is None
+    assert select_path("torch", torch.zeros(1), MemorySpec()) == "hand_written"

@@ -13,8 +13,8 @@ import torch
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory.naive import deep_memory_naive
-from memlm.kernels.deep_memory.triton_chunk import deep_memory_triton
-from memlm.testing.deep_memory_cases import L1, L2, TOL32, assert_close, compare, make_inputs, rel
+from memlm.kernels.deep_memory.triton.chunk import deep_memory_triton
+from memlm.testing.deep_memory_cases import L1, L2, TOL32, assert_close, compare, make_inputs, rel, with_spec
 
 CASES = {
     # name: (input kwargs, compare kwargs)
@@ -65,8 +65,8 @@ def test_triton_inference_in_place(triton_device):
         with torch.no_grad():
             o, (W_T, S_T) = deep_memory(q, k, v, lr, mom, fg, W, initial_momentum=S, output_final_state=True,
                                         backend="triton")
-        ref = deep_memory_naive(x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
-                                initial_momentum=x["initial_momentum"], output_final_state=True)
+        ref = with_spec(deep_memory_naive, x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
+                        initial_momentum=x["initial_momentum"], output_final_state=True)
         o_ref, (W_ref, S_ref) = ref
         assert_close({"o": rel(o, o_ref), **{f"W{i}": rel(a, b) for i, (a, b) in enumerate(zip(W_T, W_ref))},
                       **{f"S{i}": rel(a, b) for i, (a, b) in enumerate(zip(S_T, S_ref))}}, TOL32)
@@ -82,8 +82,6 @@ def test_triton_interpreted(run_interpreted):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(bias="l3"), "bias='l3'"),
-        (dict(retention="l3"), "retention='l3'"),
         (dict(activation="relu"), "activation='relu'"),
         (dict(chunk_size=65), "chunk_size must be in"),
         (dict(block_hidden=24), "block_hidden must be a power of two"),
@@ -95,11 +93,9 @@ def test_triton_rejects_unsupported(change, message):
     """What the Triton path does not implement fails before any launch (no interpreter needed)."""
     D, depth = change.pop("D", 16), change.pop("depth", 1)
     x = make_inputs(B=1, T=4, H=1, D=D, depth=depth, expansion=1)
-    kw = dict(chunk_size=16, residual=True, norm=True, activation="gelu", initial_momentum=None,
-              output_final_state=False, cu_seqlens=None)
-    kw.update(change)
+    kw = {**dict(chunk_size=16, residual=True, norm=True, activation="gelu"), **change}
     with pytest.raises(ValueError, match=message):
-        deep_memory_triton(x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"], **kw)
+        with_spec(deep_memory_triton, x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"], **kw)
 
 
 @pytest.mark.slow

@@ -5,12 +5,17 @@ reduce to known rules, and bad input."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from memlm.kernels import deep_memory
-from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
+from memlm.kernels.deep_memory import deep_memory_naive
+from memlm.testing.deep_memory_cases import with_spec
 from memlm.testing.reference import memory_fn
+
+torch_path = partial(deep_memory, backend="torch")  # the chunked PyTorch path, its loop picked by select_path
 
 F64 = torch.float64
 LINEAR = dict(depth=1, expansion=1, residual=False, norm=False)  # L = 1: linear memory
@@ -71,8 +76,8 @@ def run(op, x, variant, **kw):
     hooks = {**VARIANTS[variant], **kw}
     if "delta" in x:
         hooks["delta"] = x["delta"]
-    o, (W, S) = op(
-        x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
+    o, (W, S) = with_spec(
+        op, x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["forget"], x["weights"],
         initial_momentum=x["s0"], output_final_state=True, **hooks,
     )  # fmt: skip
     return o, W, S
@@ -80,7 +85,7 @@ def run(op, x, variant, **kw):
 
 def assert_same(x, variant, tol, **kw):
     """Chunked and naive outputs, final states and gradients of every input agree within ``tol``."""
-    out_a, out_b = run(deep_memory_chunk, x, variant, **kw), run(deep_memory_naive, x, variant, **kw)
+    out_a, out_b = run(torch_path, x, variant, **kw), run(deep_memory_naive, x, variant, **kw)
     flat_a, flat_b = [out_a[0], *out_a[1], *out_a[2]], [out_b[0], *out_b[1], *out_b[2]]
     errors = [rel(a, b) for a, b in zip(flat_a, flat_b)]
     cot = [torch.randn_like(t) for t in flat_b]

@@ -18,8 +18,8 @@ import torch
 
 from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory import deep_memory_chunk, deep_memory_naive
-from memlm.kernels.deep_memory.triton_chunk import deep_memory_triton
-from memlm.testing.deep_memory_cases import L1, L2, assert_close, compare, make_inputs, rel
+from memlm.kernels.deep_memory.triton.chunk import deep_memory_triton
+from memlm.testing.deep_memory_cases import L1, L2, assert_close, compare, make_inputs, rel, with_spec
 
 VARIANTS = {
     # name: hooks, with parameters away from their defaults where the value matters
@@ -74,8 +74,8 @@ def test_miras_triton_inference_in_place(triton_device, variant):
                 initial_momentum=[s.float().to(triton_device) for s in x["initial_momentum"]],
                 cu_seqlens=None if cu is None else torch.tensor(cu, device=triton_device), backend="triton", **kw,
             )  # fmt: skip
-        o_ref, (W_ref, S_ref) = deep_memory_naive(
-            *args, x["weights"], initial_momentum=x["initial_momentum"],
+        o_ref, (W_ref, S_ref) = with_spec(
+            deep_memory_naive, *args, x["weights"], initial_momentum=x["initial_momentum"],
             cu_seqlens=None if cu is None else torch.tensor(cu), **kw,
         )  # fmt: skip
         errors = {"o": rel(o, o_ref)}
@@ -124,7 +124,7 @@ def test_auto_falls_back_for_pairs_triton_lacks(monkeypatch):
     args = [x[n] for n in ("q", "k", "v", "lr", "momentum", "forget")] + [x["weights"]]
     kw = dict(chunk_size=8, output_final_state=True, **VARIANTS["moneta"])
     o, (W, S) = deep_memory(*args, **kw)
-    o_ref, (W_ref, S_ref) = deep_memory_chunk(*args, **kw)
+    o_ref, (W_ref, S_ref) = with_spec(deep_memory_chunk, *args, loop="autograd", **kw)
     for a, b in zip([o, *W, *S], [o_ref, *W_ref, *S_ref]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -148,6 +148,4 @@ def test_triton_path_rejects_channel_wise_gates(gate):
     args = [x[n] for n in ("q", "k", "v", "lr", "momentum", "forget")]
     message = rf"{gate}: the Triton path takes per-head gates \[B, T, H\], got \[2, 21, 1, 16\]"
     with pytest.raises(ValueError, match=message):
-        deep_memory_triton(*args, x["weights"], chunk_size=8, residual=True, norm=True, activation="gelu",
-                           initial_momentum=None, output_final_state=False, cu_seqlens=None, delta=x["delta"],
-                           **VARIANTS["huber"])
+        with_spec(deep_memory_triton, *args, x["weights"], chunk_size=8, delta=x["delta"], **VARIANTS["huber"])

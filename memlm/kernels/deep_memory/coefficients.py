@@ -1,4 +1,4 @@
-"""The b×b coefficient matrices of one chunk of deep-memory updates (DESIGN.md §3).
+"""The b×b coefficient matrices of one chunk of deep-memory updates (docs/design.md §3).
 
 Inside a chunk (positions 1..b) every gradient ``u_i`` is taken at the chunk-start
 weights ``W_0``, so momentum, decay and learning rate reduce to scalars per (t, i):
@@ -48,7 +48,7 @@ class ClosingRows(NamedTuple):
 def chunk_coefficients(
     theta: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor, live: torch.Tensor
 ) -> tuple[ChunkCoefficients, ClosingRows]:
-    """β, d, G of every row and β, d, m, G, n of the closing row (DESIGN.md §3) from the gates
+    """β, d, G of every row and β, d, m, G, n of the closing row (docs/design.md §3) from the gates
     ``θ, η, α: [..., b]`` of each chunk, by the row recurrence of the module docstring.
 
     ``live: [..., b]`` (bool) is True for a token and False for padding past the end of its sequence.

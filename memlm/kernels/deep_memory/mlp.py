@@ -13,10 +13,13 @@ gradient to every layer's pre-activation, giving the right factor of each weight
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .spec import MemorySpec
 
 LN_EPS = 1e-5
 
@@ -52,11 +55,10 @@ class MemoryTrace(NamedTuple):
     rstd: torch.Tensor | None  # 1 / sqrt(Var(h_L) + eps), None without norm
 
 
-def memory_apply(
-    x: torch.Tensor, linear: Linear, depth: int, *, activation: str, residual: bool, norm: bool
-) -> tuple[torch.Tensor, MemoryTrace]:
-    """``M(x)`` with layer ``l`` computed as ``z_l = linear(l, h_{l−1})``, and its trace."""
-    phi = ACTIVATIONS[activation].fn
+def memory_apply(x: torch.Tensor, linear: Linear, depth: int, spec: MemorySpec) -> tuple[torch.Tensor, MemoryTrace]:
+    """``M(x)`` of ``spec``'s memory (φ, residual, norm) with layer ``l`` computed as ``z_l = linear(l, h_{l−1})``,
+    and its trace."""
+    phi = ACTIVATIONS[spec.activation].fn
     h, inputs, pre = x, [], []
     for layer in range(depth):
         inputs.append(h)
@@ -65,22 +67,22 @@ def memory_apply(
             pre.append(h)
             h = phi(h)
     normed = rstd = None
-    if norm:
+    if spec.norm:
         centred = h - h.mean(-1, keepdim=True)
         rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + LN_EPS)
         h = normed = centred * rstd
-    return (x + h if residual else h), MemoryTrace(inputs, pre, normed, rstd)
+    return (x + h if spec.residual else h), MemoryTrace(inputs, pre, normed, rstd)
 
 
 def memory_backward(
-    grad: torch.Tensor, weights: Sequence[torch.Tensor], trace: MemoryTrace, *, activation: str
+    grad: torch.Tensor, weights: Sequence[torch.Tensor], trace: MemoryTrace, spec: MemorySpec
 ) -> list[torch.Tensor]:
     """``Δ_l = ∂ℓ/∂z_l`` for every layer from ``grad = ∂ℓ/∂M(x)`` (chain rule through the
     affine-free LayerNorm, ``W_l`` and φ), so that ``∇_{W_l} ℓ = h_{l−1}ᵀ Δ_l``."""
     if trace.normed is not None:
         y = trace.normed
         grad = trace.rstd * (grad - grad.mean(-1, keepdim=True) - y * (grad * y).mean(-1, keepdim=True))
-    vjp = ACTIVATIONS[activation].vjp
+    vjp = ACTIVATIONS[spec.activation].vjp
     deltas = [grad]
     for layer in range(len(weights) - 1, 0, -1):
         grad = vjp(grad @ weights[layer].mT, trace.pre[layer - 1])

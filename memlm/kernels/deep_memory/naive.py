@@ -7,16 +7,15 @@ design; float64-capable; its outputs are differentiable with respect to every in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .._common import segments
 from .mlp import memory_apply, weight_linear
-from .objectives import bias_hook, dual_state, exchanged_state, retention_hook
-from .state import channel_axis, gates_or_defaults, initial_state, layer_slices
-
-State = tuple[list[torch.Tensor], list[torch.Tensor]]
+from .objectives import dual_state, exchanged_state
+from .spec import MemorySpec
+from .state import State, channel_axis, gates_or_defaults, initial_state, layer_slices
 
 
 def deep_memory_naive(
@@ -27,15 +26,8 @@ def deep_memory_naive(
     momentum: torch.Tensor | None,
     forget: torch.Tensor | None,
     weights: Sequence[torch.Tensor],
+    spec: MemorySpec,
     *,
-    chunk_size: int = 16,
-    residual: bool = True,
-    norm: bool = True,
-    activation: str = "gelu",
-    bias: str = "l2",
-    retention: str = "none",
-    bias_params: Mapping[str, float] | None = None,
-    retention_params: Mapping[str, float] | None = None,
     delta: torch.Tensor | None = None,
     initial_momentum: Sequence[torch.Tensor] | None = None,
     output_final_state: bool = False,
@@ -43,8 +35,9 @@ def deep_memory_naive(
 ) -> tuple[torch.Tensor, State | None]:
     """Titans memory update (arXiv 2501.00663) with the Miras hooks (arXiv 2504.13173), one token at a time.
 
-    The state is ``(A, S)`` and the memory computes with weights ``W = R(A)`` (``R`` the retention map).
-    For each chunk of ``chunk_size`` tokens with start state ``(A_c, S_c)`` and ``W_c = R(A_c)``:
+    The memory is ``spec``'s. The state is ``(A, S)`` and the memory computes with weights ``W = R(A)`` (``R``
+    the retention map). For each chunk of ``spec.chunk_size`` tokens with start state ``(A_c, S_c)`` and
+    ``W_c = R(A_c)``:
 
     * ``u_t = ∇_W ℓ(W_c; k_t, v_t) = (∂M/∂W)ᵀ ψ(M_{W_c}(k_t) − v_t)``;
     * ``S_t = η_t S_{t−1} − θ_t u_t`` and ``A_t = (1 − α_t) A_{t−1} + S_t`` (exact);
@@ -66,15 +59,15 @@ def deep_memory_naive(
     theta, eta, alpha = gates_or_defaults(lr, momentum, forget)
     widths = [w.shape[-1] for w in weights]
     layer_gates = [layer_slices(channel_axis(g), widths) for g in (theta, eta, alpha)]  # [B, T, H, 1 | d_l]
-    psi, mirror = bias_hook(bias, bias_params), retention_hook(retention, retention_params)
+    psi, mirror, chunk_size = spec.psi(), spec.mirror(), spec.chunk_size
     depth = len(weights)
     B, T = q.shape[:2]
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     A_all, S_all = initial_state(weights, initial_momentum, n_seq)
-    A_all = dual_state(retention, A_all)
+    A_all = dual_state(spec.retention, A_all)
 
     def M(x: torch.Tensor, W: Sequence[torch.Tensor]) -> torch.Tensor:
-        out, _ = memory_apply(x, weight_linear(W), depth, activation=activation, residual=residual, norm=norm)
+        out, _ = memory_apply(x, weight_linear(W), depth, spec)
         return out
 
     outputs, finals_A, finals_S = [], [], []
@@ -99,7 +92,7 @@ def deep_memory_naive(
             if (t - start + 1) % chunk_size == 0:
                 W = [mirror(a) for a in A]
             outputs.append(M(q_t, W).squeeze(-2))
-        finals_A.append(exchanged_state(retention, mirror, A))
+        finals_A.append(exchanged_state(spec.retention, mirror, A))
         finals_S.append(S)
 
     o = torch.stack(outputs, dim=1)

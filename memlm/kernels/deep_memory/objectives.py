@@ -2,8 +2,8 @@
 
 Miras (Behrouz et al. 2025, arXiv 2504.13173) describes a memory by its inner loss (attentional
 bias) and its retention. The op needs two pieces, looked up here by the naive reference and the
-PyTorch chunked path (the Triton kernels implement the same functions in ``triton_bias.py`` and
-``triton_retention.py``):
+PyTorch chunked path (the Triton kernels implement the same functions in ``triton/bias.py`` and
+``triton/retention.py``):
 
 * ``BIASES[name](e, *, <per-token tensors>, <parameters>)`` — ψ = ∂ℓ/∂M(k), the derivative of the
   attentional bias with respect to the memory output at the error ``e = M(k) − v`` (``[..., D]``).

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+State = tuple[list[torch.Tensor], list[torch.Tensor]]  # (W_l or A_l per layer, S_l per layer): [N, H, d_{l−1}, d_l]
+
 
 def initial_state(
     weights: Sequence[torch.Tensor], initial_momentum: Sequence[torch.Tensor] | None, n: int

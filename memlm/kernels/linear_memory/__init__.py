@@ -1,9 +1,10 @@
 """``linear_memory``: the matrix-state associative memory shared by linear attention, RetNet,
 Mamba2, GLA, HGRN2, DeltaNet and Gated DeltaNet (recurrences in ``naive.py``).
 
-Backends: ``naive`` (per-token loop, the reference), ``torch`` (chunk-parallel, ``chunk.py``,
-the CPU path) and ``triton`` (flash-linear-attention's kernels, ``fla.py``). ``auto`` picks
-triton for CUDA tensors except float64 (which fla does not support), torch otherwise.
+Layout, by path (:func:`select_path` picks one): ``naive.py`` (per-token loop, the reference),
+``utils.py`` (dtype and packed-document helpers shared by the paths), ``pytorch/`` (the chunk-parallel
+form, ``pytorch/chunk.py``, the CPU path) and ``triton/`` (flash-linear-attention's kernels,
+``triton/fla.py``).
 """
 
 from __future__ import annotations
@@ -11,13 +12,47 @@ from __future__ import annotations
 import torch
 
 from .._common import check_cu_seqlens, check_range, check_shape, resolve_backend
-from .chunk import chunk_linear_memory
-from .fla import fla_linear_memory
 from .naive import naive_linear_memory
+from .pytorch.chunk import chunk_linear_memory
+from .triton.fla import fla_linear_memory
 
-__all__ = ["chunk_linear_memory", "fla_linear_memory", "linear_memory", "naive_linear_memory"]
+__all__ = ["chunk_linear_memory", "fla_linear_memory", "linear_memory", "naive_linear_memory", "select_path"]
 
 FLA_CHUNK_SIZES = (16, 32, 64)
+PATHS = ("naive", "torch", "triton")
+
+
+def select_path(backend: str, q: torch.Tensor, chunk_size: int) -> str:
+    """The implementation that runs the op, one of ``PATHS``: the only place the path is decided. The first
+    matching row wins:
+
+    ============  =============================================================  ==========
+    backend       inputs                                                         path
+    ============  =============================================================  ==========
+    not one of    ``auto``, ``naive``, ``torch``, ``triton``                     ValueError
+    ``naive``     any                                                            ``naive``
+    ``auto``      float64 tensors (fla has no float64 kernels)                   ``torch``
+    ``auto``      CUDA tensors                                                   ``triton``
+    ``auto``      otherwise (CPU tensors)                                        ``torch``
+    ``torch``     any                                                            ``torch``
+    ``triton``    CPU tensors without ``TRITON_INTERPRET=1``, or bfloat16 under  ValueError
+                  it
+    ``triton``    ``chunk_size`` not in ``FLA_CHUNK_SIZES``                      ValueError
+    ``triton``    otherwise                                                      ``triton``
+    ============  =============================================================  ==========
+
+    The paths: ``naive`` — :func:`.naive.naive_linear_memory`; ``torch`` —
+    :func:`.pytorch.chunk.chunk_linear_memory`; ``triton`` — :func:`.triton.fla.fla_linear_memory`, which
+    calls the fla op of the recurrence's family (its module docstring has that table).
+    """
+    if backend == "auto" and q.dtype == torch.float64:
+        backend = "torch"
+    backend = resolve_backend(backend, q)
+    if backend == "triton" and chunk_size not in FLA_CHUNK_SIZES:
+        raise ValueError(
+            f"chunk_size must be one of {FLA_CHUNK_SIZES} for backend='triton', got {chunk_size}"
+        )
+    return backend
 
 
 def _check_log_decay(name: str, t: torch.Tensor | None) -> None:
@@ -90,24 +125,19 @@ def linear_memory(
         cu_seqlens: ``[N+1]`` FlashAttention-style boundaries of packed documents (B = 1);
             every document starts from its own ``initial_state[i]`` (zeros if None).
         chunk_size: tokens per chunk of the torch and triton paths (triton: 16, 32 or 64).
-        backend: ``"auto" | "naive" | "torch" | "triton"``.
+        backend: ``"auto" | "naive" | "torch" | "triton"``; with the inputs it picks the implementation
+            (:func:`select_path`).
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, final_state [N, H, K, V] in float32 — float64 for
         float64 inputs — or None)``. A decoding step is ``T = 1`` with ``initial_state``.
     """
     _validate(q, k, v, g, gk, beta, scale, initial_state, cu_seqlens, chunk_size)
-    if backend == "auto" and q.dtype == torch.float64:
-        backend = "torch"
-    backend = resolve_backend(backend, q)
+    path = select_path(backend, q, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, g, gk, beta, scale, initial_state, output_final_state, cu_seqlens)
-    if backend == "naive":
+    if path == "naive":
         return naive_linear_memory(*args)
-    if backend == "torch":
+    if path == "torch":
         return chunk_linear_memory(*args, chunk_size=chunk_size)
-    if chunk_size not in FLA_CHUNK_SIZES:
-        raise ValueError(
-            f"chunk_size must be one of {FLA_CHUNK_SIZES} for backend='triton', got {chunk_size}"
-        )
     return fla_linear_memory(*args, chunk_size=chunk_size)

@@ -1,9 +1,10 @@
 """``linear_scan``: the first-order linear recurrence ``h_t = a_t ⊙ h_{t−1} + x_t`` along dim 1,
 used for momentum, decays and segment carries.
 
-Backends: ``naive`` (loop, the reference), ``torch`` (vectorised doubling scan, ``chunk.py``) and
-``triton`` (our kernels, ``triton.py``). The torch and triton paths share one autograd
-function whose backward is the opposite scan (see ``chunk_linear_scan_backward``).
+Layout, by path (:func:`select_path` picks one): ``naive.py`` (loop, the reference), ``pytorch/``
+(vectorised doubling scan, ``pytorch/chunk.py``) and ``triton/`` (our kernels, ``triton/scan.py``).
+The torch and triton paths share one autograd function (below) whose backward is the opposite scan
+(see ``chunk_linear_scan_backward``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,35 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._common import check_shape, resolve_backend
-from .chunk import chunk_linear_scan, chunk_linear_scan_backward
 from .naive import naive_linear_scan
+from .pytorch.chunk import chunk_linear_scan, chunk_linear_scan_backward
 
-__all__ = ["chunk_linear_scan", "linear_scan", "naive_linear_scan"]
+__all__ = ["chunk_linear_scan", "linear_scan", "naive_linear_scan", "select_path"]
+
+PATHS = ("naive", "torch", "triton")
+
+
+def select_path(backend: str, x: torch.Tensor) -> str:
+    """The implementation that runs the scan, one of ``PATHS``: the only place the path is decided. The first
+    matching row wins:
+
+    ============  ==============================================================  ==========
+    backend       inputs                                                          path
+    ============  ==============================================================  ==========
+    not one of    ``auto``, ``naive``, ``torch``, ``triton``                      ValueError
+    ``naive``     any                                                             ``naive``
+    ``auto``      CUDA tensors                                                    ``triton``
+    ``auto``      otherwise                                                       ``torch``
+    ``torch``     any                                                             ``torch``
+    ``triton``    CPU tensors without ``TRITON_INTERPRET=1``, or bfloat16 under   ValueError
+                  it
+    ``triton``    otherwise                                                       ``triton``
+    ============  ==============================================================  ==========
+
+    The paths: ``naive`` — :func:`.naive.naive_linear_scan`; ``torch`` — :func:`.pytorch.chunk.chunk_linear_scan`
+    and ``triton`` — :func:`.triton.scan.triton_linear_scan`, each inside :class:`LinearScanFunction`.
+    """
+    return resolve_backend(backend, x)
 
 
 class LinearScanFunction(torch.autograd.Function):
@@ -26,7 +52,7 @@ class LinearScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, x, initial, reverse: bool, backend: str):
         if backend == "triton":
-            from .triton import triton_linear_scan
+            from .triton.scan import triton_linear_scan
 
             h = triton_linear_scan(a, x, initial, reverse)
         else:
@@ -42,7 +68,7 @@ class LinearScanFunction(torch.autograd.Function):
     def backward(ctx, dh):
         a, h, initial = ctx.saved_tensors
         if ctx.backend == "triton":
-            from .triton import triton_linear_scan_backward
+            from .triton.scan import triton_linear_scan_backward
 
             dx, da, dinit = triton_linear_scan_backward(a, h, initial, dh, ctx.reverse)
         else:
@@ -90,7 +116,8 @@ def linear_scan(
             Mixed floating dtypes are promoted to one; ``initial`` is cast to it.
         initial: ``[B, *]``: h_0, or h_{T+1} when ``reverse``.
         reverse: run ``h_t = a_t ⊙ h_{t+1} + x_t`` from t = T down to 1.
-        backend: ``"auto" | "naive" | "torch" | "triton"``.
+        backend: ``"auto" | "naive" | "torch" | "triton"``; with ``x`` it picks the implementation
+            (:func:`select_path`).
 
     Returns:
         ``h`` ``[B, T, *]``, every step, in the promoted dtype (accumulated in at least float32).
@@ -99,12 +126,12 @@ def linear_scan(
     dtype = torch.promote_types(a.dtype, x.dtype)
     a, x = a.to(dtype), x.to(dtype)
     initial = None if initial is None else initial.to(dtype)
-    backend = resolve_backend(backend, x)
-    if backend == "naive":
+    path = select_path(backend, x)
+    if path == "naive":
         return naive_linear_scan(a, x, initial, reverse)
     B, T = x.shape[:2]
     F = math.prod(x.shape[2:])
     init = None if initial is None else initial.reshape(B, F).contiguous()
     h = LinearScanFunction.apply(a.reshape(B, T, F).contiguous(), x.reshape(B, T, F).contiguous(), init,
-                                 reverse, backend)
+                                 reverse, path)
     return h.view(x.shape)

@@ -1,0 +1,1 @@
+"""The linear scan in plain PyTorch: the vectorised doubling scan (``chunk.py``), the CPU path."""
