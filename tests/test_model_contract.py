@@ -142,3 +142,27 @@ def test_recurrent_state_size() -> None:
     # 2 layers × K and V × 4 heads × head_dim 8 × kept tokens
     assert full.recurrent_state_size(100) == 2 * 2 * 32 * 100
     assert window.recurrent_state_size(100) == 2 * 2 * 32 * 5
+
+
+def test_decoding_cache_under_either_name() -> None:
+    """``cache`` and its earlier name ``past_key_values`` give the same decoding, with no warning."""
+    import warnings
+
+    model = build("titans-lmm")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    logits = {}
+    for name in ("cache", "past_key_values"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = model(ids[:, :5], use_cache=True)
+            steps = [out.logits]
+            state = out.cache
+            for t in range(5, 9):
+                out = model(ids[:, t: t + 1], use_cache=True, **{name: state})
+                steps.append(out.logits)
+                state = out.cache
+        logits[name] = torch.cat(steps, dim=1)
+    assert torch.equal(logits["cache"], logits["past_key_values"])
+    torch.testing.assert_close(logits["cache"], model(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pass the decoding cache once"):
+        model(ids[:, :1], cache=state, past_key_values=model(ids[:, :1], use_cache=True).cache)

@@ -170,8 +170,15 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         cu_seqlens: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        past_key_values: MemLMCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """``cache`` is the decoding state (transformers >= 5.24 passes it under that name);
+        ``past_key_values``, its earlier name, is accepted too."""
+        if past_key_values is not None:
+            if cache is not None and cache is not past_key_values:
+                raise ValueError("pass the decoding cache once: as cache (or as its earlier name past_key_values)")
+            cache = past_key_values
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError(
                 "attention_mask has padded (0) positions: memlm mixers are recurrent and do not skip padding; "
