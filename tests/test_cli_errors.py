@@ -128,7 +128,7 @@ def test_eval_harness_unknown_task(checkpoint: Path, monkeypatch: pytest.MonkeyP
 def test_probe_mqar_requires_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     """Without ``--config`` the built-in defaults used to start a ~17 h sweep silently."""
-    from memlm.eval import mqar_sweep
+    from memlm.eval.mqar import sweep as mqar_sweep
 
     def no_sweep(*args: object, **kwargs: object) -> None:
         raise AssertionError("the default sweep started")

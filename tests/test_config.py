@@ -98,7 +98,7 @@ def test_ratio_places_second_mixer_after_every_a_layers() -> None:
 @pytest.mark.parametrize("path", sorted((CONFIG_DIR / "probes").glob("mqar_*.yaml")), ids=lambda p: p.stem)
 def test_every_mqar_probe_config_builds_its_models(path: Path) -> None:
     """Each mixer entry of each shipped MQAR sweep builds (on the meta device: no weights allocated)."""
-    from memlm.eval.mqar_sweep import build_mqar_model, load_sweep_config
+    from memlm.eval.mqar.sweep import build_mqar_model, load_sweep_config
 
     cfg = load_sweep_config(path)
     with torch.device("meta"):

@@ -128,7 +128,7 @@ def test_a_model_section_without_a_preset_gets_memlm_config_defaults() -> None:
 
 
 def test_probe_model_config_files_and_names_take_presets(tmp_path: Path) -> None:
-    from memlm.eval.loading import is_model_config, load_model, read_config_file
+    from memlm.eval.io.loading import is_model_config, load_model, read_config_file
 
     spec = tmp_path / "m.yaml"
     spec.write_text("model:\n  preset: transformer_pp_tiny\n  num_hidden_layers: 1\n")

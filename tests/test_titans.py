@@ -148,7 +148,7 @@ def test_lmm_solves_mqar() -> None:
     key–value pairs: the LMM entry of configs/probes/mqar_titans.yaml at its first learning rate (vocabulary 64,
     at most 600 steps at lr 1e-3). On 2026-11-23 it stopped early at 99.0% after 400 steps (8–9 min on a busy
     2-core CPU); seed 1 gave 99.5% after 350 steps."""
-    from memlm.eval.mqar_sweep import load_sweep_config, run_mqar_sweep
+    from memlm.eval.mqar.sweep import load_sweep_config, run_mqar_sweep
 
     cfg = load_sweep_config(Path(__file__).resolve().parents[1] / "configs" / "probes" / "mqar_titans.yaml")
     cfg.mixers = [entry for entry in cfg.mixers if entry.label == "titans_lmm"]

@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from memlm.eval.needle import TASKS as NEEDLE_TASKS
+from memlm.eval.needle.task import TASKS as NEEDLE_TASKS
 
 ALL_TASKS = ("mqar", *NEEDLE_TASKS, "perplexity")
 PROBE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "probes"
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _texts(args: argparse.Namespace) -> list[str] | None:
-    from memlm.eval.haystack import dataset_texts, read_texts
+    from memlm.eval.needle.haystack import dataset_texts, read_texts
 
     if args.files and args.dataset:
         raise ValueError("give either local files or --dataset, not both")
@@ -120,13 +120,14 @@ def _texts(args: argparse.Namespace) -> list[str] | None:
 
 
 def _load(args: argparse.Namespace) -> tuple[object, object]:
-    from memlm.eval.loading import is_model_config, load_model, load_tokenizer
+    from memlm.eval.io.loading import is_model_config, load_model
+    from memlm.models.convert.tokenizer import load_tokenizer
 
     if args.tokenizer is None and is_model_config(args.model):
         raise ValueError(f"--model {args.model} is a config (random weights, no tokenizer): pass --tokenizer")
     source = args.tokenizer or args.model
     try:
-        tokenizer = load_tokenizer(source)
+        tokenizer = load_tokenizer(source, fallback=False)
     except OSError as err:
         kind = "--tokenizer" if args.tokenizer else "--model"
         missing = not Path(source).exists()
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.task == "mqar":
-        from memlm.eval.mqar_sweep import load_sweep_config, run_mqar_sweep
+        from memlm.eval.mqar.sweep import load_sweep_config, run_mqar_sweep
 
         cfg = load_sweep_config(args.config, args.overrides)  # a bad override is reported first
         _require_mqar_config(args)
@@ -162,30 +163,20 @@ def _run(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     name = args.name or f"{args.task}-{_run_name(args.model)}"
     if args.task == "perplexity":
-        from memlm.eval.generation import model_device
-        from memlm.eval.haystack import stdlib_prose
-        from memlm.eval.perplexity import perplexity
-        from memlm.eval.plots import plot_loss_by_context
-        from memlm.eval.records import environment, write_json
+        from memlm.eval.needle.haystack import stdlib_prose
+        from memlm.eval.perplexity import perplexity_summary, run_perplexity_probe
 
         texts = _texts(args)
-        source = "files" if args.files else (args.dataset or "stdlib-docstrings")
-        result = perplexity(model, tokenizer, texts if texts is not None else [" ".join(stdlib_prose())],
-                            args.context_length, args.stride, args.batch_size, args.max_tokens, progress)
-        record = {"task": "perplexity", "model": args.model, "tokenizer": args.tokenizer, "source": source,
-                  "split": args.split if args.dataset else None, **result,
-                  "env": environment(model_device(model))}
-        stem = Path(args.out) / name
-        record["files"] = {"json": f"{stem}.json", "png": f"{stem}.png"}
-        plot_loss_by_context(result["nll_by_context"], f"{name}: ppl {result['perplexity']:.4g}",
-                             record["files"]["png"])
-        write_json(record["files"]["json"], record)
-        print(f"perplexity {result['perplexity']:.4f} over {result['num_tokens_scored']} tokens "
-              f"(context {result['context_length']}, stride {result['stride']}); wrote "
-              f"{record['files']['json']}, {record['files']['png']}")
+        meta = {"model": args.model, "tokenizer": args.tokenizer,
+                "source": "files" if args.files else (args.dataset or "stdlib-docstrings"),
+                "split": args.split if args.dataset else None}
+        record = run_perplexity_probe(model, tokenizer, texts if texts is not None else [" ".join(stdlib_prose())],
+                                      args.out, name, meta, context_length=args.context_length, stride=args.stride,
+                                      batch_size=args.batch_size, max_tokens=args.max_tokens, progress=progress)
+        print(perplexity_summary(record))
         return 0
 
-    from memlm.eval.needle_probe import needle_table, run_needle_probe
+    from memlm.eval.needle.probe import needle_table, run_needle_probe
 
     texts = _texts(args) if args.task in ("s-niah-2", "s-niah-3") else None
     record = run_needle_probe(model, tokenizer, args.task, args.lengths, args.depths, args.samples, texts,

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from memlm.eval.needle import min_context_length, token_counter
-from memlm.eval.needle_probe import needle_table, run_needle_probe
+from memlm.eval.io.records import write_json
+from memlm.eval.needle.probe import needle_table, run_needle_probe
+from memlm.eval.needle.task import min_context_length, token_counter
 from memlm.eval.perplexity import perplexity
-from memlm.eval.records import write_json
 
 CANDIDATE_LENGTHS = (128, 256, 512, 1024)
 NUM_LENGTHS = 2

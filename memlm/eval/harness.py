@@ -45,10 +45,11 @@ class MemLMLM(HFLM):
 
     def __init__(self, pretrained: Any, tokenizer: Any = None, backend: str = "causal",
                  device: str | None = None, **kwargs: Any) -> None:
-        from memlm.eval.loading import is_model_config, load_model, load_tokenizer, resolve_device
+        from memlm.eval.io.loading import is_model_config, load_model, resolve_device
+        from memlm.models.convert.tokenizer import load_tokenizer
 
         if isinstance(tokenizer, str):
-            tokenizer = load_tokenizer(tokenizer)
+            tokenizer = load_tokenizer(tokenizer, fallback=False)
         if isinstance(pretrained, str) and is_model_config(pretrained):
             if tokenizer is None:
                 raise ValueError(f"pretrained={pretrained} is a model config (random weights): "

@@ -7,12 +7,16 @@ so every token but ``x_1`` is scored exactly once, with at least ``context_lengt
 tokens of context once the stream is long enough:
 ``PPL = exp(-(1 / (N - 1)) Σ_{t=2..N} log p(x_t | x_{max(1, t-c)} … x_{t-1}))``,
 ``c`` the context available in the window that scores ``t``.
+
+:func:`run_perplexity_probe` is ``memlm probe perplexity``: the score, a JSON record and a plot of
+the loss by context position.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memlm.eval.generation import model_device
+from memlm.eval.io.plots import plot_loss_by_context
+from memlm.eval.io.records import environment, write_json
 
 
 def token_stream(tokenizer: Any, texts: list[str]) -> list[int]:
@@ -133,3 +139,25 @@ def _bucketed(nll_at: torch.Tensor, count_at: torch.Tensor, buckets: int = 32) -
     step = max(1, -(-(hi - lo) // buckets))
     return [{"start": a, "end": min(a + step, hi), "nll": (nll_at[a:a + step].sum() / n).item(),
              "count": int(n)} for a in range(lo, hi, step) if (n := count_at[a:a + step].sum()) > 0]
+
+
+def run_perplexity_probe(model: Any, tokenizer: Any, texts: list[str], out_dir: str | Path, name: str,
+                         meta: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+    """:func:`perplexity` of ``texts`` (``options``: its ``context_length``, ``stride``, ``batch_size``,
+    ``max_tokens``, ``progress``); writes ``{name}.json`` (the record, with ``meta`` such as the model,
+    tokenizer and text source) and ``{name}.png`` (loss by context position) in ``out_dir``."""
+    result = perplexity(model, tokenizer, texts, **options)
+    record = {"task": "perplexity", **(meta or {}), **result, "env": environment(model_device(model))}
+    stem = Path(out_dir) / name
+    record["files"] = {"json": f"{stem}.json", "png": f"{stem}.png"}
+    plot_loss_by_context(result["nll_by_context"], f"{name}: ppl {result['perplexity']:.4g}",
+                         record["files"]["png"])
+    write_json(record["files"]["json"], record)
+    return record
+
+
+def perplexity_summary(record: dict[str, Any]) -> str:
+    """The one line ``memlm probe perplexity`` prints."""
+    return (f"perplexity {record['perplexity']:.4f} over {record['num_tokens_scored']} tokens "
+            f"(context {record['context_length']}, stride {record['stride']}); wrote "
+            f"{record['files']['json']}, {record['files']['png']}")

@@ -26,7 +26,7 @@ def _loss_curve(cfg: RunConfig, train: list[dict[str, Any]], val: list[dict[str,
     """``<run>/loss_curve.png``: train and validation loss against tokens seen (None without matplotlib)."""
     if importlib.util.find_spec("matplotlib") is None:
         return None
-    from memlm.eval.plots import plot_loss_curves
+    from memlm.eval.io.plots import plot_loss_curves
 
     tokens_per_step = train[-1]["tokens_seen"] / train[-1]["step"]
     return plot_loss_curves([(r["tokens_seen"], r["loss"]) for r in train],

@@ -1,12 +1,14 @@
-"""Tokenizers: load an HF tokenizer, or train a byte-level BPE on the training text in seconds."""
+"""Tokenizers: load an HF tokenizer (:func:`memlm.models.convert.tokenizer.load_tokenizer`, checked
+for training), or train a byte-level BPE on the training text in seconds."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import islice
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from memlm.models.convert.tokenizer import load_tokenizer
 from memlm.train.config import ConfigError
 
 EOS = "<|endoftext|>"
@@ -27,9 +29,11 @@ def train_bpe(documents: Iterable[str], vocab_size: int, max_documents: int | No
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=None)
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_training_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """``tokenizer.path`` (an HF folder or hub id, no fallback), with a ``ConfigError`` naming the key
+    when it cannot be loaded or has no eos token."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path, fallback=False)
     except (OSError, ValueError) as err:
         raise ConfigError(f"tokenizer.path={path!r} could not be loaded: {str(err).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:

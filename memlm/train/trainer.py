@@ -29,7 +29,7 @@ from memlm.train.data import Batch, ShuffledLoader, StreamingLoader, pack
 from memlm.train.metrics import JSONLTracker, flops_per_token, peak_flops, truncate_after
 from memlm.train.optim import build_optimizer, build_scheduler
 from memlm.train.report import write_report
-from memlm.train.tokenizer import check_vocab, load_tokenizer, train_bpe
+from memlm.train.tokenizer import check_vocab, load_training_tokenizer, train_bpe
 
 
 @dataclass
@@ -77,8 +77,8 @@ def _tokenizer(cfg: RunConfig, accelerator: Accelerator, train_docs: Any) -> Any
     saved = cfg.run_dir / "tokenizer"
     with accelerator.main_process_first():
         if (saved / TOKENIZER_SETTINGS).exists():
-            return load_tokenizer(str(saved))
-        tokenizer = (load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path
+            return load_training_tokenizer(str(saved))
+        tokenizer = (load_training_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path
                      else train_bpe(load_documents(cfg.data, cfg.training.seed)[0] if cfg.data.streaming
                                     else train_docs, cfg.tokenizer.vocab_size, cfg.tokenizer.train_documents))
         if accelerator.is_main_process:

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from memlm.eval.haystack import NOISE, stdlib_prose
+from memlm.eval.needle.haystack import NOISE, stdlib_prose
 from memlm.models import MemLMConfig, MemLMForCausalLM
 
 EOS = "<|endoftext|>"

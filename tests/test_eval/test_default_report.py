@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from memlm.eval.default_report import run_default_probes
-from memlm.eval.haystack import stdlib_prose
+from memlm.eval.needle.haystack import stdlib_prose
 
 
 def test_default_probes_write_files_and_markdown(tmp_path, memlm_model, tokenizer):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memlm.eval.loading import load_model, load_tokenizer, resolve_dtype
+from memlm.eval.io.loading import load_model, resolve_dtype
 from memlm.models import MemLMForCausalLM
+from memlm.models.convert.tokenizer import load_tokenizer
 
 
 def test_checkpoint_folder_and_config_json(checkpoint_dir, memlm_model):
@@ -53,7 +54,7 @@ def test_plain_transformers_checkpoint(tmp_path, llama_model):
 def test_missing_model_path_is_a_clear_error(tmp_path) -> None:
     import pytest
 
-    from memlm.eval.loading import load_model
+    from memlm.eval.io.loading import load_model
 
     with pytest.raises(ValueError, match="does not exist"):
         load_model(str(tmp_path / "runs" / "nope" / "hf"), device="cpu")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from memlm.eval import cli
-from memlm.eval.mqar import IGNORE_INDEX, gap_distribution, generate_mqar, mqar_train_test, recall_counts
-from memlm.eval.mqar_sweep import MixerEntry, MQARSetting, build_mqar_model, load_sweep_config, run_mqar_sweep
-from memlm.eval.mqar_train import train_mqar
-from memlm.eval.state_size import recurrent_state_size
+from memlm.eval.mqar.state_size import recurrent_state_size
+from memlm.eval.mqar.sweep import MixerEntry, MQARSetting, build_mqar_model, load_sweep_config, run_mqar_sweep
+from memlm.eval.mqar.task import IGNORE_INDEX, gap_distribution, generate_mqar, mqar_train_test, recall_counts
+from memlm.eval.mqar.train import train_mqar
 from memlm.models import MemLMConfig, MemLMForCausalLM
 
 V, T, N = 128, 64, 8

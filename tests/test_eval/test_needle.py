@@ -9,10 +9,10 @@ import re
 import pytest
 
 from memlm.eval import cli
-from memlm.eval import needle_probe as probe_mod
-from memlm.eval.haystack import NOISE, stdlib_prose
-from memlm.eval.needle import TASKS, build_sample, token_counter
-from memlm.eval.needle_probe import needle_table, run_needle_probe
+from memlm.eval.needle import probe as probe_mod
+from memlm.eval.needle.haystack import NOISE, stdlib_prose
+from memlm.eval.needle.probe import needle_table, run_needle_probe
+from memlm.eval.needle.task import TASKS, build_sample, token_counter
 
 PROSE = list(stdlib_prose(min_chars=20_000))
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

@@ -11,7 +11,7 @@ import pytest
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from memlm.eval.haystack import stdlib_prose
+from memlm.eval.needle.haystack import stdlib_prose
 from memlm.eval.perplexity import perplexity
 from memlm.models import MemLMConfig, MemLMForCausalLM
 from memlm.train.config import load_config

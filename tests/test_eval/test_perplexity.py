@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memlm.eval.haystack import stdlib_prose
-from memlm.eval.loading import load_tokenizer
+from memlm.eval.needle.haystack import stdlib_prose
 from memlm.eval.perplexity import perplexity, token_stream, window_plan
+from memlm.models.convert.tokenizer import load_tokenizer
 
 TEXTS = [" ".join(stdlib_prose(min_chars=20_000)[i:i + 6]) for i in range(0, 60, 6)]
 

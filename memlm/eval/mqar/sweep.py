@@ -20,11 +20,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
-from memlm.eval.mqar import MQARData, drop_overlap, generate_mqar
-from memlm.eval.mqar_train import setting_name, train_mqar
-from memlm.eval.plots import plot_accuracy_vs_state
-from memlm.eval.records import environment, markdown_table, pct, write_json
-from memlm.eval.state_size import recurrent_state_size
+from memlm.eval.io.plots import plot_accuracy_vs_state
+from memlm.eval.io.records import environment, markdown_table, pct, write_json
+from memlm.eval.mqar.state_size import recurrent_state_size
+from memlm.eval.mqar.task import MQARData, drop_overlap, generate_mqar
+from memlm.eval.mqar.train import setting_name, train_mqar
 
 
 @dataclass
@@ -135,7 +135,7 @@ def run_mqar_sweep(cfg: MQARSweepConfig, out_dir: str | Path | None = None,
     Every finished run is appended to ``{name}.runs.jsonl`` in ``out_dir``; a sweep restarted with
     the same ``out_dir`` skips the runs logged there.
     """
-    from memlm.eval.loading import resolve_device, resolve_dtype
+    from memlm.eval.io.loading import resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
     autocast = resolve_dtype(cfg.autocast) if cfg.autocast else None

@@ -5,13 +5,13 @@ converted flash-linear-attention ones, plain transformers models), a model confi
 (``.yaml``/``.json`` holding ``MemLMConfig`` fields, optionally under a ``model:`` key, and optionally
 a ``preset`` to start from) or a preset name (:func:`memlm.load_preset`, e.g. ``attention_tiny``);
 a config file or a preset builds a randomly initialised memlm model, e.g. for MQAR or smoke tests.
+The tokenizer comes from :func:`memlm.models.convert.tokenizer.load_tokenizer` (``fallback=False``:
+a probe reports a model without a tokenizer rather than guess one).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -98,20 +98,3 @@ def load_model(spec: str | Path, device: str | None = "auto", dtype: str | torch
             where = "a local path that does not exist, nor a reachable hub id" if missing else "not loadable"
             raise ValueError(f"--model {str(spec)!r} is {where}: {str(err).splitlines()[0]}") from None
     return model.eval()
-
-
-def load_tokenizer(spec: str | Path) -> Any:
-    """A tokenizer from a folder or hub id (``AutoTokenizer``), a ``tokenizer.json`` file, or a
-    SentencePiece ``.model`` file such as the Mistral v1 tokenizer of the released fla models
-    (loaded as a Llama tokenizer that prepends BOS, as those models expect)."""
-    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
-
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".json":
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
-    if path.is_file() and (path.suffix == ".model" or path.name.startswith("tokenizer.model")):
-        # transformers reads a bare SentencePiece model only as ``tokenizer.model`` inside a folder
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copyfile(path, Path(tmp) / "tokenizer.model")
-            return LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, legacy=False)
-    return AutoTokenizer.from_pretrained(str(spec))

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from memlm.eval.haystack import NOISE
+from memlm.eval.needle.haystack import NOISE
 
 TASKS = ("s-niah-1", "s-niah-2", "s-niah-3", "passkey")
 # tokens generated per task: enough for the answer (a UUID is up to ~30 tokens) and some slack

@@ -1,5 +1,5 @@
 """The S-NIAH / passkey grid: context lengths × needle depths × samples, greedy decoding,
-an accuracy table, a JSON record and a length × depth heatmap (prompts: ``memlm.eval.needle``)."""
+an accuracy table, a JSON record and a length × depth heatmap (prompts: ``memlm.eval.needle.task``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from memlm.eval.generation import greedy_generate, model_device
-from memlm.eval.haystack import prose_sentences, stdlib_prose
-from memlm.eval.needle import DEFAULT_MAX_NEW_TOKENS, build_sample, check_task, token_counter
-from memlm.eval.plots import plot_length_depth
-from memlm.eval.records import environment, markdown_table, pct, write_json
+from memlm.eval.io.plots import plot_length_depth
+from memlm.eval.io.records import environment, markdown_table, pct, write_json
+from memlm.eval.needle.haystack import prose_sentences, stdlib_prose
+from memlm.eval.needle.task import DEFAULT_MAX_NEW_TOKENS, build_sample, check_task, token_counter
 from memlm.eval.scoring import contains_answer, passkey_correct
 
 

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memlm.eval.mqar import IGNORE_INDEX, MQARData, recall_counts
+from memlm.eval.mqar.task import IGNORE_INDEX, MQARData, recall_counts
+from memlm.train.config import ScheduleSection
+from memlm.train.optim import build_scheduler
 
 
 @dataclass
@@ -79,12 +81,10 @@ def _batch_plan(train_sets: Sequence[MQARData], batch_size: int,
     return [plan[j] for j in order]
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def mqar_schedule(total: int, warmup_frac: float = 0.0) -> ScheduleSection:
+    """Zoology's schedule as the trainer's: linear warm-up over ``warmup_frac`` of the ``total``
+    steps, then cosine decay to 0 (:func:`memlm.train.optim.lr_multiplier`)."""
+    return ScheduleSection(name="cosine", warmup_steps=int(warmup_frac * total), min_lr_ratio=0.0)
 
 
 def train_mqar(
@@ -121,7 +121,7 @@ def train_mqar(
     total = epochs * steps_per_epoch
     interval = eval_every or steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, int(warmup_frac * total)))
+    sched = build_scheduler(opt, mqar_schedule(total, warmup_frac), total)
     history: list[dict[str, float]] = []
     acc, per, step, stopped = 0.0, {}, 0, False
     start = time.perf_counter()

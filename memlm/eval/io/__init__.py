@@ -1,0 +1,1 @@
+"""Shared probe I/O: loading the model and tokenizer, JSON records and tables, plots."""
