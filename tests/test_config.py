@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from memlm import load_preset
 from memlm.models import MemLMConfig, ratio_pattern
 from memlm.train.config import CONFIG_DIR, ConfigError, load_config
 
@@ -117,3 +118,9 @@ def test_ratio_as_the_readme_writes_it(tmp_path: Path) -> None:
     assert cfg.model["ratio"] == "3:1" and cfg.optimizer.lr == 1e-3
     assert cfg.model["mixer"] == {"name": "gated_deltanet"}
     assert load_config(None, ["name=x", "model.mixer=attention"]).model["mixer"] == {"name": "attention"}
+    model_file = tmp_path / "model.yaml"
+    model_file.write_text("preset: attention_tiny\nratio: 3:1\nmixer: {name: gated_deltanet}\nvocab_size: 64\n")
+    assert load_preset(str(model_file)).ratio == "3:1"  # a preset file reads as the run config does
+    from memlm.eval.io.loading import read_config_file
+
+    assert read_config_file(model_file)["ratio"] == "3:1"  # and so does a probe's model config

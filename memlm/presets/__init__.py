@@ -27,15 +27,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from memlm.config_yaml import parse_yaml, read_yaml
 from memlm.models.configuration_memlm import MemLMConfig
 
 __all__ = ["aliases", "expand_preset", "load_preset", "preset_fields", "preset_names", "resolve_name", "sizes"]
 
 
 def _read(relative: str) -> Any:
-    return yaml.safe_load(resources.files(__name__).joinpath(relative).read_text(encoding="utf-8"))
+    return parse_yaml(resources.files(__name__).joinpath(relative).read_text(encoding="utf-8"))
 
 
 @functools.cache
@@ -116,7 +115,7 @@ def preset_fields(name: str) -> dict[str, Any]:
     a YAML file of fields (which may itself start from a ``preset``)."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"preset file {name} must hold a mapping of MemLMConfig fields")
         return expand_preset(data)

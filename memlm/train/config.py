@@ -13,7 +13,6 @@ whose fields the file's and the command line's ``model.*`` keys then override.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from memlm.config_yaml import parse_yaml
 from memlm.models.configuration_memlm import MemLMConfig
 from memlm.presets import preset_fields
 
@@ -32,29 +32,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # a checkout's run
 
 class ConfigError(ValueError):
     """A configuration problem, reported with the offending key."""
-
-
-class _YAMLLoader(yaml.SafeLoader):
-    """YAML with YAML 1.2's numbers: no base-60 integers (``ratio: 3:1`` stays the string
-    ``"3:1"``, where YAML 1.1 reads 181) and ``1e-3`` is a float."""
-
-
-_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_YAMLLoader.yaml_implicit_resolvers = {
-    first: [r for r in resolvers if r[0] not in (_INT, _FLOAT)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YAMLLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
-                                  list("-+0123456789"))
-_YAMLLoader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
-                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-def parse_yaml(text: str) -> Any:
-    """One YAML document or scalar, read as :class:`_YAMLLoader` does."""
-    return yaml.load(text, Loader=_YAMLLoader)
 
 
 @dataclass

@@ -62,9 +62,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if p.suffix == ".json":
         data = json.loads(p.read_text(encoding="utf-8"))
     else:
-        import yaml
+        from memlm.config_yaml import read_yaml
 
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = read_yaml(p)
     if not isinstance(data, dict):
         raise ValueError(f"model config {p} must hold a mapping of MemLMConfig fields, "
                          f"got {type(data).__name__}")

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
+from memlm.config_yaml import read_yaml
 from memlm.eval.io.plots import plot_accuracy_vs_state
 from memlm.eval.io.records import environment, markdown_table, pct, write_json
 from memlm.eval.mqar.state_size import recurrent_state_size
@@ -77,7 +78,7 @@ def load_sweep_config(path: str | Path | None = None, overrides: list[str] | Non
     try:
         cfg = OmegaConf.structured(MQARSweepConfig)
         if path is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(read_yaml(path)))
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         obj = cast(MQARSweepConfig, OmegaConf.to_object(cfg))
