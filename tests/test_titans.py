@@ -16,6 +16,7 @@ from memlm.layers.neural_memory import NeuralMemory
 from memlm.layers.norm import NormalizedSigmoidGate
 from memlm.layers.registry import build_mixer
 from memlm.models import MemLMConfig, MemLMForCausalLM
+from memlm.testing.models import CASES, VOCAB, build
 from memlm.testing.reference import memory_fn
 from memlm.train.config import load_config
 from memlm.train.metrics import read_jsonl
@@ -126,6 +127,58 @@ def test_normalize_attention_changes_the_hybrid_output(name: str) -> None:
     assert missing == ["model.layers.0.attn.gate.y_norm.weight"] and not unexpected
     ids = torch.randint(0, 50, (2, 9))
     assert (plain(ids).logits - paper(ids).logits).abs().max().item() > 1e-4
+
+
+MAG_READS_P = {**CASES["titans-mag"]["mixer"], "memory_reads_persistent": True}  # chunks of 4, N_p = 2
+
+
+def test_mag_memory_reads_persistent_tokens_changes_the_output() -> None:
+    """``memory_reads_persistent``: the memory writes the attention's N_p persistent tokens (its own
+    learned ones, eq. 26's ``[p ‖ x]``) first; the rest of the weights the same, the output moves."""
+    plain, paper = build("titans-mag"), build("titans-mag", mixer=MAG_READS_P)
+    for layer in paper.model.layers:
+        assert layer.attn.memory.persistent_tokens.shape == (2, 32)
+    missing, unexpected = paper.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == [f"model.layers.{i}.attn.memory.persistent_tokens" for i in (0, 1)] and not unexpected
+    ids = torch.randint(0, VOCAB, (2, 11))
+    assert (plain(ids).logits - paper(ids).logits).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("prefill", [1, 5])
+def test_mag_memory_reads_persistent_decoding_equals_parallel(prefill: int) -> None:
+    """Token-by-token decoding through the cache (across memory chunks and the window) equals the
+    parallel forward with the memory reading ``[p ‖ x]``."""
+    model = build("titans-mag", mixer=MAG_READS_P)
+    ids = torch.randint(0, VOCAB, (2, 14))
+    full = model(ids).logits
+    out = model(ids[:, :prefill], use_cache=True)
+    steps, cache = [out.logits], out.cache
+    for t in range(prefill, 14):
+        out = model(ids[:, t: t + 1], cache=cache, use_cache=True)
+        steps.append(out.logits)
+        cache = out.cache
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_mag_memory_reads_persistent_packed_documents_equal_separate_runs() -> None:
+    """With ``cu_seqlens`` every packed document starts from the memory after ``p``."""
+    model = build("titans-mag", mixer=MAG_READS_P)
+    docs = [torch.randint(0, VOCAB, (1, n)) for n in (5, 9, 3)]
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    logits = model(torch.cat(docs, dim=1), cu_seqlens=cu).logits
+    torch.testing.assert_close(logits, torch.cat([model(d).logits for d in docs], dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention": {"name": "attention", "window_size": 5}}, "needs persistent tokens: set attention.num_persistent"),
+    ({"memory": {"name": "titans_memory", "num_persistent": 3}},
+     "memory.num_persistent=3 differs from the attention's 2"),
+    ({"memory": {"name": "gated_deltanet"}}, "memory 'gated_deltanet' has no num_persistent option"),
+], ids=["no persistent", "other count", "no such option"])
+def test_mag_memory_reads_persistent_bad_configs_fail_at_config_time(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _config(mixer={**MAG_READS_P, **change})
+    _config(mixer={**MAG_READS_P, "memory": {"name": "yaad", "num_persistent": 2}})  # the same count is fine
 
 
 @pytest.mark.parametrize("mixer", [

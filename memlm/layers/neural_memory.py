@@ -22,11 +22,13 @@ Ablations (Titans Table 5): ``momentum: false``, ``forget: false`` (no weight de
 ``num_persistent: 0``.
 
 Miras (Behrouz et al. 2025, arXiv 2504.13173) choices are options of the same mixer: the attentional
-bias (``bias``: l2, lp, huber, dot; Huber's threshold ``δ_t = softplus(x W_δ)``, channel-wise with
-``gates: channel``), the retention (``retention``: none, lq_norm, softmax — with the per-token decay
-α_t when ``forget``), the learning algorithm (``momentum``: GD with or without momentum) and the
-memory structure (``depth``, ``expansion``; ``depth: 1`` is a matrix memory). ``moneta``, ``yaad`` and
-``memora`` (``layers/miras.py``) are presets of it.
+bias (``bias``: l2, lp, huber, dot; Huber's threshold ``δ_t = softplus(x W_δ)``, one per token and head
+switching on ‖e‖ as the paper's, or per coordinate with ``huber_switch: coordinate``), the retention
+(``retention``: none, lq (the ℓq mirror map), lq_norm (the printed ℓq formula), softmax — with
+the per-token decay α_t when ``forget``; ``lag_token`` for the paper's chunking), the learning algorithm
+(``momentum``: GD with or without momentum; ``max_lr`` caps θ_t) and the memory structure (``depth``,
+``expansion``; ``depth: 1`` is a matrix memory). ``moneta``, ``yaad`` and ``memora`` (``layers/miras.py``)
+are presets of it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from memlm.kernels import deep_memory
 from memlm.kernels.deep_memory.mlp import ACTIVATIONS, memory_apply, weight_linear
 from memlm.kernels.deep_memory.objectives import (
     BIASES,
+    INVERSES,
     RETENTIONS,
     WEIGHT_STATE,
     check_hook_parameters,
@@ -76,6 +79,7 @@ class NeuralMemory(Mixer):
         residual: bool = True  # M(x) = x + ...
         memory_norm: bool = True  # LayerNorm (no affine) on the MLP output
         value_norm: bool = True  # RMS-normalise v per head: targets on the scale of the LayerNorm output
+        unit_key_init: bool = False  # first memory layer ~ N(0, 1), not N(0, 1/d): the keys are unit vectors
         chunk_size: int = 16  # b: tokens whose gradients share the chunk-start weights
         max_lr: float = 1.0  # θ_t = max_lr · σ(·)
         momentum: bool = True  # surprise momentum η_t (false: η = 0)
@@ -89,7 +93,9 @@ class NeuralMemory(Mixer):
         bias_params: dict | None = None  # e.g. {p: 3} for lp
         retention: str = "none"  # retention map (Miras): none | lq_norm | softmax
         retention_params: dict | None = None  # e.g. {q: 4} for lq_norm, {c: 1} for softmax
-        gates: str = "head"  # θ, η, α, δ: one per head ("head") or per memory output unit ("channel")
+        gates: str = "head"  # θ, η, α: one per head ("head") or per memory output unit ("channel")
+        huber_switch: str = "norm"  # Huber's δ_t: one per token and head on ‖e‖ ("norm"), or per coordinate
+        lag_token: bool = False  # Miras' chunking: the exact step at a chunk's first token (MemorySpec.lag_token)
         gate_rank: int = 32  # rank of the channel-wise gate projections
         backend: str = "auto"  # kernel backend: auto | naive | torch | triton
 
@@ -126,6 +132,8 @@ class NeuralMemory(Mixer):
                     )
             if self.gates not in ("head", "channel"):
                 raise ValueError(f"gates must be one of ['channel', 'head'], got {self.gates!r}")
+            if self.huber_switch not in ("norm", "coordinate"):
+                raise ValueError(f"huber_switch must be one of ['coordinate', 'norm'], got {self.huber_switch!r}")
             if self.gate_rank < 1:
                 raise ValueError(f"gate_rank must be >= 1, got {self.gate_rank}")
 
@@ -143,7 +151,7 @@ class NeuralMemory(Mixer):
         self.opts = opts
         self.hooks = opts.hooks()
         self.spec = MemorySpec(chunk_size=opts.chunk_size, activation=opts.activation, residual=opts.residual,
-                               norm=opts.memory_norm, **self.hooks)  # the memory, as the kernels take it
+                               norm=opts.memory_norm, lag_token=opts.lag_token, **self.hooks)  # as the kernels take it
         self.num_heads = opts.num_heads or config.num_heads
         if opts.head_dim is None and hidden_size % self.num_heads:
             raise ValueError(f"titans_memory: hidden_size={hidden_size} is not divisible by num_heads={self.num_heads}")
@@ -166,7 +174,11 @@ class NeuralMemory(Mixer):
         self.momentum_proj = gate(sum(dims[1:])) if opts.momentum else None
         self.forget_proj = gate(sum(dims[1:])) if opts.forget else None
         uses_delta = "delta" in per_token_arguments(BIASES[self.spec.bias])
-        self.delta_proj = gate(self.head_dim) if uses_delta else None
+        coordinate = opts.huber_switch == "coordinate"
+        self.delta_proj = (
+            GateProjection(hidden_size, self.num_heads, self.head_dim if coordinate else None, opts.gate_rank)
+            if uses_delta else None
+        )
         self.memory_weights = nn.ParameterList(
             nn.Parameter(torch.zeros(self.num_heads, a, b)) for a, b in zip(dims, dims[1:])
         )
@@ -177,19 +189,29 @@ class NeuralMemory(Mixer):
             self.persistent_tokens = nn.Parameter(torch.zeros(opts.num_persistent, hidden_size))
 
     def init_weights(self, init: Any, std: float) -> None:
-        """Memory MLP ~ N(0, 1/d_in) (softmax logits ~ N(0, 1), so that the hidden units differ); θ starts
-        at max_lr/2, η ≈ 0.88, α ≈ 0.018; Huber's δ at about the size of a unit-variance error (√d for
-        the norm switch, 1 per channel)."""
+        """Memory weights ``W = R(A)`` ~ N(0, 1/d_in), the first layer ~ N(0, 1) with ``unit_key_init`` (the keys
+        are unit vectors, so that its pre-activations have unit variance and the memory's LayerNorm does not
+        amplify the inner gradient tenfold: docs/design.md §4.2); the state ``A`` drawn so (the identity, or
+        ``A = R⁻¹(W)`` for the ℓq mirror map); softmax logits ~ N(0, 1) so that the hidden units differ; θ starts at
+        max_lr/2, η ≈ 0.88, α ≈ 0.018; Huber's δ on the norm at 2√d, above a fresh memory's error norm (≈ √(2d)
+        for unit-RMS values and outputs), so that tokens start in the ℓ2 branch and the ℓ1 branch takes the
+        outliers (at √d most tokens took the ℓ1 branch, whose Sign(e) passes no gradient to the values, and
+        Yaad did not learn MQAR: docs/design.md §4.2); 1 per coordinate."""
         simplex = self.spec.retention in WEIGHT_STATE  # logits A of W = c·Softmax(A): spread them
-        for w in self.memory_weights:
-            init.normal_(w, mean=0.0, std=1.0 if simplex else 1.0 / math.sqrt(w.shape[1]))
+        for layer, w in enumerate(self.memory_weights):
+            unit = simplex or (layer == 0 and self.opts.unit_key_init)
+            init.normal_(w, mean=0.0, std=1.0 if unit else 1.0 / math.sqrt(w.shape[1]))
+            if self.spec.retention in INVERSES:  # transformers' copy_ skips a loaded tensor, like its normal_
+                state = INVERSES[self.spec.retention](w.detach(), **(self.spec.retention_params or {}))
+                with torch.no_grad():
+                    getattr(init, "copy_", torch.Tensor.copy_)(w, state)
         init.zeros_(self.lr_proj.bias)
         if self.momentum_proj is not None:
             init.constant_(self.momentum_proj.bias, 2.0)
         if self.forget_proj is not None:
             init.constant_(self.forget_proj.bias, -4.0)
         if self.delta_proj is not None:
-            target = 1.0 if self.opts.gates == "channel" else math.sqrt(self.head_dim)
+            target = 1.0 if self.opts.huber_switch == "coordinate" else 2 * math.sqrt(self.head_dim)
             init.constant_(self.delta_proj.bias, math.log(math.expm1(target)))  # softplus⁻¹(target)
         if self.opts.num_persistent:
             init.normal_(self.persistent_tokens, mean=0.0, std=std)

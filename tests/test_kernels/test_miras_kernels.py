@@ -27,7 +27,11 @@ VARIANTS = {
     "dot": dict(bias="dot"),
     "lq_norm": dict(retention="lq_norm", retention_params={"q": 4.0}),
     "softmax": dict(retention="softmax", retention_params={"c": 2.0}),
-    "moneta": dict(bias="lp", retention="lq_norm"),  # the paper's p = 3, q = 4 (defaults)
+    "lq": dict(retention="lq", retention_params={"q": 4.0, "eps": 1e-3}),
+    "softmax_lag": dict(retention="softmax", retention_params={"c": 2.0}, lag_token=True),
+    "softmax_fan_in": dict(retention="softmax"),  # c = d_in of each layer
+    "lq_lag": dict(retention="lq", lag_token=True),
+    "moneta": dict(bias="lp", retention="lq"),  # the paper's p = 3, q = 4 (defaults)
 }
 # ν and ε so large/small that tanh(νe) = Sign(e) and e² + ε = e² in float64: ψ is the exact ℓp gradient
 SHARP = {"nu": 1e8, "eps": 1e-30}
@@ -124,7 +128,7 @@ def test_varlen_equals_separate_runs(variant):
             assert rel(a[i : i + 1], b) < 1e-12
 
 
-@pytest.mark.parametrize("variant", ["lq_norm", "softmax", "moneta"])
+@pytest.mark.parametrize("variant", ["lq_norm", "softmax", "moneta", "softmax_lag", "lq_lag"])
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 def test_prefix_outputs_do_not_depend_on_where_the_input_stops(variant, backend):
     """A sequence that ends inside a chunk reads its last tokens linearised like any mid-chunk token:
@@ -136,7 +140,7 @@ def test_prefix_outputs_do_not_depend_on_where_the_input_stops(variant, backend)
         assert rel(run(deep_memory, prefix, variant, chunk_size=4, backend=backend)[0], o[:, :stop]) < 1e-12
 
 
-@pytest.mark.parametrize("variant", ["lq_norm", "softmax", "moneta"])
+@pytest.mark.parametrize("variant", ["lq_norm", "softmax", "moneta", "softmax_lag", "softmax_fan_in", "lq_lag"])
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 def test_state_continuation(variant, backend):
     """Running T1 (a multiple of the chunk) then T2 from the returned state equals one run."""
@@ -168,21 +172,34 @@ def lq4(a):
     return a / ((a.abs() ** 4).sum() ** 0.25) ** 2
 
 
+def lq_mirror(a, q=4.0, eps=1e-3):
+    """∇ of the conjugate G*(A) = (n/2)·(mean |A|^r)^{2/r} of G(W) = (n/2)·(mean |W|^q)^{2/q}, r = q/(q−1) the
+    dual exponent, with |a| smoothed as sqrt(a² + ε), by autograd."""
+    r = q / (q - 1)
+    a = a.detach().requires_grad_() if not a.requires_grad else a
+    conjugate = (a.numel() / 2) * (torch.sqrt(a * a + eps) ** r).mean() ** (2 / r)
+    return torch.autograd.grad(conjugate, a, create_graph=True)[0]
+
+
+RETAINED = {"lq_norm": lq4, "lq": lq_mirror}  # retentions whose state A is accumulated, W = R(A)
+
+
 def online_reference(x, variant, cfg):
     """Per-token online optimisation, one (sequence, head) at a time: u_t = ∇_W ℓ_t at the current
-    weights, S_t = η S − θ u_t, then Moneta ``A ← (1 − α) A + S, W = A / ‖A‖_4²``, Memora
-    ``W ← 2·Softmax_{d_in}((1 − α) log W + S)`` (from ``W_0`` scaled to column sums 2), otherwise
-    ``W ← (1 − α) W + S``; o_t = M_W(q_t)."""
+    weights, S_t = η S − θ u_t, then Moneta ``A ← (1 − α) A + S, W = R(A)`` (the printed ``A / ‖A‖_4²`` or
+    the ℓq mirror map), Memora ``W ← 2·Softmax_{d_in}((1 − α) log W + S)`` (from ``W_0`` scaled to column
+    sums 2), otherwise ``W ← (1 − α) W + S``; o_t = M_W(q_t)."""
     res, norm = cfg["residual"], cfg["norm"]
+    retention = VARIANTS[variant].get("retention", "none")
     B, T, H, _ = x["q"].shape
     out, states = torch.zeros_like(x["q"]), []
     for b in range(B):
         for h in range(H):
             A = [t[h] for t in x["weights"]]
             s = [t[h] for t in x["s0"]]
-            if variant == "lq_norm":
-                w = [lq4(a) for a in A]
-            elif variant == "softmax":  # Memora starts from W_0 scaled onto the simplex
+            if retention in RETAINED:
+                w = [RETAINED[retention](a) for a in A]
+            elif retention == "softmax":  # Memora starts from W_0 scaled onto the simplex
                 w = [2.0 * a / a.sum(-2, keepdim=True) for a in A]
             else:
                 w = A
@@ -192,19 +209,19 @@ def online_reference(x, variant, cfg):
                 u = torch.autograd.grad(stated_loss(variant, y, x["v"][b, t, h], d), w, create_graph=True)
                 eta, theta, keep = x["momentum"][b, t, h], x["lr"][b, t, h], 1 - x["forget"][b, t, h]
                 s = [eta * s_l - theta * u_l for s_l, u_l in zip(s, u)]
-                if variant == "lq_norm":
+                if retention in RETAINED:
                     A = [keep * a + s_l for a, s_l in zip(A, s)]
-                    w = [lq4(a) for a in A]
-                elif variant == "softmax":
+                    w = [RETAINED[retention](a) for a in A]
+                elif retention == "softmax":
                     w = [2.0 * torch.softmax(keep * w_l.log() + s_l, dim=-2) for w_l, s_l in zip(w, s)]
                 else:
                     w = [keep * w_l + s_l for w_l, s_l in zip(w, s)]
                 out[b, t, h] = memory_fn(x["q"][b, t, h], w, res, norm)
-            states.append((A if variant == "lq_norm" else w, s))
+            states.append((A if retention in RETAINED else w, s))
     return out, states
 
 
-@pytest.mark.parametrize("variant", ["lp", "huber", "dot", "lq_norm", "softmax"])
+@pytest.mark.parametrize("variant", ["lp", "huber", "dot", "lq_norm", "softmax", "lq", "softmax_lag"])
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 def test_online_matches_stated_objective(variant, backend):
     """chunk_size=1 is exact online optimisation of the stated loss with the stated retention."""
@@ -258,7 +275,8 @@ def test_lp_and_lq_limits():
     l2 = run(deep_memory, x, "dot", chunk_size=4, bias="l2")
     lp2 = run(deep_memory, x, "lp", chunk_size=4, bias_params={"p": 2.0, **SHARP})
     lq2 = run(deep_memory, x, "lq_norm", chunk_size=4, retention_params={"q": 2.0})
-    for got in (lp2, lq2):
+    mirror2 = run(deep_memory, x, "lq", chunk_size=4, retention_params={"q": 2.0})
+    for got in (lp2, lq2, mirror2):
         for a, b in zip([got[0], *got[1], *got[2]], [l2[0], *l2[1], *l2[2]]):
             assert rel(a, b) < 1e-12
 
@@ -315,7 +333,7 @@ ONES = torch.ones(2, 11, 2, dtype=F64)
 BAD = {
     "unknown bias": ("lp", dict(bias="l3"), None, r"bias='l3' is not one of \('l2', 'lp', 'huber', 'dot', 'l2_clip'\)"),
     "unknown retention": ("lp", dict(retention="l2"), None,
-                          r"retention='l2' is not one of \('none', 'lq_norm', 'softmax', 'max_norm'\)"),
+                          r"retention='l2' is not one of \('none', 'lq', 'lq_norm', 'softmax', 'max_norm'\)"),
     "unknown bias parameter": ("lp", dict(bias_params={"q": 3.0}), None,
                                r"bias_params key 'q' is not a parameter of bias='lp'; allowed: \('p', 'nu'"),
     "parameter of a bias without any": ("dot", dict(bias_params={"p": 3.0}), None,
@@ -355,3 +373,52 @@ def test_bad_input(case):
         x.pop("delta", None)
     with pytest.raises(ValueError, match=message):
         run(deep_memory, x, variant, **kw)
+
+
+@pytest.mark.parametrize("q", [4.0, 3.0, 1.5])
+def test_lq_retention_is_the_mirror_map_of_the_lq_objective(q):
+    """W = R(A) solves the FTRL step argmin_W G(W) − ⟨A, W⟩ with G(W) = (n/2)(mean |W|^q)^{2/q}: ∇G(R(A)) = A
+    (ε → 0); R is homogeneous of degree 1 (no shrinking with the amount written, unlike the printed
+    ``A / ‖A‖_q^{q−2}``), and the inverse map used to start the memory at given weights round-trips."""
+    from memlm.kernels.deep_memory.objectives import lq_inverse, lq_norm_retention, lq_retention
+
+    A = torch.randn(3, 5, 7, dtype=F64)
+    W = lq_retention(A, q=q, eps=1e-30).requires_grad_()
+    G = (W[0].numel() / 2) * (W.abs().pow(q).mean(dim=(-2, -1)) ** (2 / q))
+    (grad,) = torch.autograd.grad(G.sum(), W)
+    assert rel(grad, A) < 1e-10
+    assert rel(lq_retention(100 * A, q=q, eps=1e-30), 100 * lq_retention(A, q=q, eps=1e-30)) < 1e-12
+    assert rel(lq_inverse(W.detach(), q=q), A) < 1e-10
+    printed = lq_norm_retention(100 * A, q=4.0).norm() / lq_norm_retention(A, q=4.0).norm()
+    assert printed < 0.02  # degree 3 − q = −1: a hundred times the writes, a hundredth of the weights
+
+
+def test_softmax_fan_in_default():
+    """Memora's default scale c is the fan-in: every output unit's incoming weights sum to d_in."""
+    from memlm.kernels.deep_memory.objectives import softmax_retention
+
+    A = torch.randn(2, 6, 10, dtype=F64)
+    torch.testing.assert_close(softmax_retention(A).sum(-2), torch.full((2, 10), 6.0, dtype=F64))
+
+
+@pytest.mark.parametrize("variant", ["softmax_lag", "lq_lag"])
+def test_lag_token_reads_the_first_token_exactly(variant):
+    """With the lag token, a chunk's first token is the exact online step (its output equals the
+    chunk_size=1 run's), and the rest differ from the chunk-end-exact form."""
+    x = make_inputs(variant, B=2, T=9, **TITANS, grad=False)
+    lag = run(deep_memory, x, variant, chunk_size=4)[0]
+    online = run(deep_memory, x, variant, chunk_size=1)[0]
+    end_exact = run(deep_memory, x, variant, chunk_size=4, lag_token=False)[0]
+    assert rel(lag[:, :1], online[:, :1]) < 1e-12
+    assert rel(lag, end_exact) > 1e-3
+
+
+@pytest.mark.parametrize("hooks", [dict(retention="softmax", lag_token=True, retention_params={"c": 2.0}),
+                                   dict(retention="softmax")])
+def test_triton_names_what_it_lacks(hooks, monkeypatch):
+    from memlm.kernels.deep_memory import MemorySpec, select_path
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.zeros(1, 2, 1, 4)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        select_path("triton", q, MemorySpec(**hooks))

@@ -40,8 +40,25 @@ __all__ = [
 ]  # fmt: skip
 
 # the (bias, retention) pairs the Triton kernels implement (triton/bias.py, triton/retention.py): all of them
-TRITON_HOOKS = tuple(product(("l2", "lp", "huber", "dot", "l2_clip"), ("none", "lq_norm", "softmax", "max_norm")))
+TRITON_HOOKS = tuple(product(("l2", "lp", "huber", "dot", "l2_clip"), ("none", "lq", "lq_norm", "softmax", "max_norm")))
 PATHS = ("naive", "autograd", "hand_written", "cpu", "triton")
+
+
+def _triton_gap(spec: MemorySpec, channel_wise: Sequence[str]) -> str | None:
+    """What the Triton kernels lack to run ``spec`` with these gates, as a phrase for the error; None if nothing."""
+    if channel_wise:
+        return f"takes per-head gates [B, T, H] only; got channel-wise {list(channel_wise)}"
+    if (spec.bias, spec.retention) not in TRITON_HOOKS:
+        supported = "; ".join(
+            f"bias={b!r} with retention in {tuple(r for c, r in TRITON_HOOKS if c == b)}"
+            for b in dict.fromkeys(c for c, _ in TRITON_HOOKS)
+        )
+        return f"implements {supported}; got bias={spec.bias!r}, retention={spec.retention!r}"
+    if spec.lag_token:
+        return "does not implement lag_token=True (the exact step at a chunk's first token)"
+    if spec.retention == "softmax" and (spec.retention_params or {}).get("c") is None:
+        return "takes retention='softmax' with an explicit retention_params c only, not the fan-in default"
+    return None
 
 
 def select_path(backend: str, q: torch.Tensor, spec: MemorySpec, channel_wise: Sequence[str] = ()) -> str:
@@ -57,10 +74,10 @@ def select_path(backend: str, q: torch.Tensor, spec: MemorySpec, channel_wise: S
     not one of          ``auto``, ``naive``, ``torch``, ``triton``                                ValueError
     ``naive``           any                                                                       ``naive``
     ``triton``          CPU tensors without ``TRITON_INTERPRET=1``, or bfloat16 under it           ValueError
-    ``triton``          channel-wise gates                                                        ValueError
-    ``triton``          (bias, retention) not in ``TRITON_HOOKS``                                 ValueError
+    ``triton``          what the kernels lack (:func:`_triton_gap`): channel-wise gates, (bias,    ValueError
+                        retention) not in ``TRITON_HOOKS``, the lag token, softmax without ``c``
     ``triton``          otherwise                                                                 ``triton``
-    ``auto``            CUDA tensors, per-head gates, (bias, retention) in ``TRITON_HOOKS``       ``triton``
+    ``auto``            CUDA tensors and nothing the kernels lack                                 ``triton``
     ``auto``/``torch``  not the Titans memory: bias ≠ ``l2``, retention ≠ ``none``, φ without a    ``autograd``
                         hand-written φ'', or channel-wise gates (:func:`.dual_form.implements`)
     ``auto``/``torch``  CPU float32/float64 tensors, GELU, ``MEMLM_CPU_KERNEL`` unset or ``1``      ``cpu``
@@ -80,21 +97,11 @@ def select_path(backend: str, q: torch.Tensor, spec: MemorySpec, channel_wise: S
     if resolved == "naive":
         return "naive"
     if resolved == "triton":
-        if (spec.bias, spec.retention) in TRITON_HOOKS and not channel_wise:
+        gap = _triton_gap(spec, channel_wise)
+        if gap is None:
             return "triton"
-        if backend == "triton" and channel_wise:
-            raise ValueError(
-                f"backend='triton' takes per-head gates [B, T, H] only; got channel-wise {list(channel_wise)} "
-                "(backend='torch' or 'auto' runs them)"
-            )
         if backend == "triton":
-            supported = "; ".join(
-                f"bias={b!r} with retention in {tuple(r for c, r in TRITON_HOOKS if c == b)}"
-                for b in dict.fromkeys(c for c, _ in TRITON_HOOKS)
-            )
-            raise ValueError(
-                f"backend='triton' implements {supported}; got bias={spec.bias!r}, retention={spec.retention!r}"
-            )
+            raise ValueError(f"backend='triton' {gap} (backend='torch' or 'auto' runs it)")
     if not implements(spec, bool(channel_wise)):
         return "autograd"
     compiled = (
@@ -152,10 +159,11 @@ def deep_memory(
     ``nu`` > 0, ``eps`` > 0), ``"huber"`` (Yaad; needs ``delta`` δ ≥ 0: ``[B, T, H]`` switches on ‖e‖,
     channel-wise ``[B, T, H, D]`` per coordinate), ``"dot"``
     −⟨M(k), v⟩. ``retention`` ∈ ``RETENTIONS`` — the map ``W = R(A)`` from the state ``A`` to the
-    weights, exact at chunk ends: ``"none"``, ``"lq_norm"`` (Moneta, ``A / ‖A‖_q^{q−2}``;
-    ``retention_params`` ``q`` ≥ 2 default 4; the state is the accumulator ``A``), ``"softmax"``
-    (Memora, ``c·Softmax`` over each output unit's inputs; ``c`` > 0 default 1; ``weights`` and the
-    final state are the positive weights ``W``).
+    weights, exact at chunk ends (or, with ``lag_token``, at chunk starts): ``"none"``, ``"lq"`` (Moneta, the
+    mirror map of the ℓq objective ``sign(A)|A|^{r−1}·(mean|A|^r)^{(2−r)/r}``, r = q/(q − 1); ``retention_params``
+    ``q`` > 1 default 4, ``eps`` > 0; the state is the accumulator ``A``), ``"lq_norm"`` (the printed
+    ``A / ‖A‖_q^{q−2}``, ``q`` ≥ 2), ``"softmax"`` (Memora, ``c·Softmax`` over each output unit's inputs;
+    ``c`` > 0, default the fan-in ``d_in``; ``weights`` and the final state are the positive weights ``W``).
 
     ``backend`` (``"auto" | "naive" | "torch" | "triton"``) with the inputs picks the implementation:
     :func:`select_path`.

@@ -46,8 +46,13 @@ def deep_memory_naive(
       A sequence that ends inside a chunk reads its last tokens linearised too, so a prefix's outputs
       never depend on where the input stops (step-by-step decoding equals the parallel pass).
 
-    With ``chunk_size=1`` this is the per-token rule ``W_t = R(A_t)`` with gradients at ``W_{t−1}``:
-    Moneta's ``A_t = α A_{t−1} − η ∇ℓ_p``, ``W_t = A_t / ‖A_t‖_q^{q−2}`` and Memora's
+    With ``spec.lag_token`` (Miras §5, Memora's parallel form) the exact step is the chunk's first
+    token instead: it takes its gradient at ``W_c = R(A_c)`` and is read through ``W_1 = R(A_1)``; the
+    chunk's other tokens take their gradients at ``W_1`` and are read linearised from it, and the next
+    chunk starts from ``R(A_end)``. Both agree with the identity map up to where the gradients are taken.
+
+    With ``chunk_size=1`` either is the per-token rule ``W_t = R(A_t)`` with gradients at ``W_{t−1}``:
+    Moneta's ``A_t = α A_{t−1} − η ∇ℓ_p``, ``W_t = R_q(A_t)`` and Memora's
     ``W_t = c·Softmax(α log W_{t−1} − η ∇ℓ)``. With ``R`` the identity both reads agree (Titans).
 
     Shapes: ``q, k, v: [B, T, H, D]``; ``weights[l]``: ``[H, d_{l−1}, d_l]`` or ``[N, H, d_{l−1}, d_l]``;
@@ -59,7 +64,7 @@ def deep_memory_naive(
     theta, eta, alpha = gates_or_defaults(lr, momentum, forget)
     widths = [w.shape[-1] for w in weights]
     layer_gates = [layer_slices(channel_axis(g), widths) for g in (theta, eta, alpha)]  # [B, T, H, 1 | d_l]
-    psi, mirror, chunk_size = spec.psi(), spec.mirror(), spec.chunk_size
+    psi, mirror, chunk_size, lag = spec.psi(), spec.mirror(), spec.chunk_size, spec.lag_token
     depth = len(weights)
     B, T = q.shape[:2]
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -76,9 +81,11 @@ def deep_memory_naive(
         batch = slice(None) if cu_seqlens is None else slice(0, 1)
         A = [a[rows] for a in A_all]
         S = [s[rows] for s in S_all]
-        W = [mirror(a) for a in A]
         for t in range(start, end):
-            if (t - start) % chunk_size == 0:
+            position = (t - start) % chunk_size
+            if position == 0:  # the weights this chunk's gradients are taken at: R(A_c), or after the lag token
+                W = W_c = [mirror(a) for a in A]
+            elif lag and position == 1:
                 W_c = W
             k_t, v_t, q_t = (x[batch, t].unsqueeze(-2) for x in (k, v, q))
             delta_t = None if delta is None else channel_axis(delta)[batch, t, :, None]
@@ -89,7 +96,7 @@ def deep_memory_naive(
             S = [eta_l * s - theta_l * u_l for eta_l, theta_l, s, u_l in zip(eta_t, theta_t, S, u)]
             A = [(1 - alpha_l) * a + s for alpha_l, a, s in zip(alpha_t, A, S)]
             W = [(1 - alpha_l) * w + s for alpha_l, w, s in zip(alpha_t, W, S)]
-            if (t - start + 1) % chunk_size == 0:
+            if position == 0 if lag else position == chunk_size - 1:  # the exact step
                 W = [mirror(a) for a in A]
             outputs.append(M(q_t, W).squeeze(-2))
         finals_A.append(exchanged_state(spec.retention, mirror, A))

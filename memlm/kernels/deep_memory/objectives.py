@@ -15,7 +15,7 @@ PyTorch chunked path (the Triton kernels implement the same functions in ``trito
   state ``A`` (``[N, H, d_in, d_out]`` per layer) to the weights the memory computes with. The
   state follows the linear Titans recurrence ``A_t = (1 − α_t) A_{t−1} + S_t``,
   ``S_t = η_t S_{t−1} − θ_t ∇ℓ(R(A_·))``; the map is applied exactly at every chunk end (see
-  ``naive``). Moneta's ℓq normalisation and Memora's KL (softmax) retention are such maps.
+  ``naive``). Moneta's ℓq mirror map and Memora's KL (softmax) retention are such maps.
 
 Parameters are bound once per call by :func:`bias_hook` / :func:`retention_hook`, so every path
 evaluates exactly the same function.
@@ -81,10 +81,39 @@ def no_retention(a: torch.Tensor) -> torch.Tensor:
     return a
 
 
+def lq_retention(a: torch.Tensor, *, q: float = 4.0, eps: float = 1e-6) -> torch.Tensor:
+    """Moneta's ℓq retention (Miras §5; derivation: docs/design.md §4.2) as the mirror map of its objective:
+    follow-the-regularised-leader with the retention ``G(W) = ‖W‖_q² / (2(q − 1))`` on the accumulated
+    gradients ``A`` gives ``W = ∇G*(A)``, ``G*`` the convex conjugate. With ``r = q / (q − 1)`` the dual
+    exponent and the norms taken as means over the ``d_in × d_out`` entries (``G`` scaled by
+    ``(q − 1)·n^{1 − 2/q}``, a constant the inner learning rate θ absorbs):
+
+        ``W = sign(A) ⊙ |A|^{r−1} · (mean |A|^r)^{(2−r)/r}``,
+
+    homogeneous of degree 1, the identity for q = 2 and on matrices whose entries share one magnitude.
+    ``|a|`` is smoothed as ``sqrt(a² + ε)`` (the paper's surrogate for ℓp), so the map is the gradient
+    of a smooth convex function and finite at ``A = 0`` (``W = 0``). The printed formula
+    ``A / ‖A‖_q^{q−2}`` drops the elementwise power and is homogeneous of degree 3 − q: ``lq_norm``."""
+    r = q / (q - 1)
+    smooth = a * a + eps
+    mean = smooth.pow(r / 2).mean(dim=(-2, -1), keepdim=True)
+    return a * smooth.pow((r - 2) / 2) * mean.pow((2 - r) / r)
+
+
+def lq_inverse(w: torch.Tensor, *, q: float = 4.0, eps: float = 1e-6) -> torch.Tensor:
+    """The state ``A`` whose :func:`lq_retention` is ``w`` (``ε`` → 0): ``A = ∇G(W) = sign(W) ⊙ |W|^{q−1} ·
+    (mean |W|^q)^{(2−q)/q}`` (the mirror map of the conjugate exponent); used to start the memory at
+    given weights."""
+    mean = w.abs().pow(q).mean(dim=(-2, -1), keepdim=True)
+    return torch.sign(w) * w.abs().pow(q - 1) * mean.pow((2 - q) / q)
+
+
 def lq_norm_retention(a: torch.Tensor, *, q: float = 4.0) -> torch.Tensor:
-    """Moneta's ℓq retention (Miras §5): ``W = A / ‖A‖_q^{q−2}`` per layer and head, ``‖·‖_q`` the
-    entrywise q-norm of the ``d_in × d_out`` matrix (paper: q = 4; q = 2 is the identity). The norm
-    is floored at machine epsilon so that ``A = 0`` maps to ``W = 0``."""
+    """Moneta's ℓq retention as printed (Miras §5, Eq. 24): ``W = A / ‖A‖_q^{q−2}`` per layer and head,
+    ``‖·‖_q`` the entrywise q-norm of the ``d_in × d_out`` matrix (q = 2 is the identity). Homogeneous
+    of degree 3 − q: for q = 4 ``‖W‖₄ = 1/‖A‖₄``, so a memory that writes much shrinks to nothing (kept
+    to reproduce the printed equation; Moneta's preset uses :func:`lq_retention`). The norm is floored at
+    machine epsilon so that ``A = 0`` maps to ``W = 0``."""
     norm = torch.linalg.vector_norm(a, ord=q, dim=(-2, -1), keepdim=True)
     return a / norm.clamp_min(torch.finfo(a.dtype).eps) ** (q - 2)
 
@@ -96,18 +125,22 @@ def max_norm_retention(a: torch.Tensor, *, c: float = 10.0) -> torch.Tensor:
     return a * (c / norm.clamp_min(c))
 
 
-def softmax_retention(a: torch.Tensor, *, c: float = 1.0) -> torch.Tensor:
+def softmax_retention(a: torch.Tensor, *, c: float | None = None) -> torch.Tensor:
     """Memora's KL retention on a scaled simplex (Miras §3–5): ``W = c · Softmax(A)`` per slice, the
     slice being each output unit's incoming weights (the ``d_in`` axis of ``[d_in, d_out]``). With
     ``A = log W`` up to a per-slice constant, one token of the linear state recurrence is the paper's
-    ``W_t = c · Softmax((1 − α_t) log W_{t−1} − θ_t ∇ℓ)`` (Softmax is shift invariant)."""
-    return c * torch.softmax(a, dim=-2)
+    ``W_t = c · Softmax((1 − α_t) log W_{t−1} − θ_t ∇ℓ)`` (Softmax is shift invariant). The paper leaves
+    ``c`` open; the default is the fan-in ``d_in`` (mean weight 1): with ``c = 1`` every weight is about
+    ``1/d_in`` and the memory's output is about its input, it stores nothing (docs/design.md §4.2)."""
+    scale = a.shape[-2] if c is None else c
+    return scale * torch.softmax(a, dim=-2)
 
 
 BIASES: dict[str, Bias] = {"l2": l2_bias, "lp": lp_bias, "huber": huber_bias, "dot": dot_bias,
                            "l2_clip": clipped_l2_bias}
 RETENTIONS: dict[str, Retention] = {
     "none": no_retention,
+    "lq": lq_retention,
     "lq_norm": lq_norm_retention,
     "softmax": softmax_retention,
     "max_norm": max_norm_retention,
@@ -121,9 +154,14 @@ WEIGHT_STATE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda w: torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))
 }
 
+# Retentions whose state is not the weights, with the map from weights to a state (``R⁻¹``): a memory that
+# starts at given weights starts from that state.
+INVERSES: dict[str, Callable[..., torch.Tensor]] = {"lq": lq_inverse}
+
 # Lower bounds of hook parameters: name -> {parameter: (bound, bound allowed)}.
 LOWER_BOUNDS: dict[str, dict[str, tuple[float, bool]]] = {
     "lp": {"p": (1.0, True), "nu": (0.0, False), "eps": (0.0, False)},
+    "lq": {"q": (1.0, False), "eps": (0.0, False)},
     "lq_norm": {"q": (2.0, True)},
     "softmax": {"c": (0.0, False)},
     "l2_clip": {"max_norm": (0.0, False)},

@@ -21,7 +21,11 @@ class MemorySpec:
       ``M(x) = x + LN(h_L)`` with ``h_l = φ(h_{l−1} W_l)`` and no φ after ``W_L``, the residual and the
       affine-free LayerNorm each optional;
     * ``bias`` (a key of ``BIASES``) and its scalar ``bias_params``: the attentional bias ψ;
-    * ``retention`` (a key of ``RETENTIONS``) and its scalar ``retention_params``: the map ``W = R(A)``.
+    * ``retention`` (a key of ``RETENTIONS``) and its scalar ``retention_params``: the map ``W = R(A)``;
+    * ``lag_token``: where a chunk takes the map exactly. False: gradients at the chunk-start weights and
+      the exact ``R(A)`` read at the chunk's last token; True (Miras §5, Memora's "lag token"): the
+      chunk's first token takes an exact step from the chunk start and is read through ``R(A)``, the
+      others take their gradients at the weights after it and are read linearised (see ``naive``).
 
     The public op checks the values (names, parameter ranges); the paths take them as checked.
     """
@@ -34,6 +38,7 @@ class MemorySpec:
     bias_params: Mapping[str, float] | None = None
     retention: str = "none"
     retention_params: Mapping[str, float] | None = None
+    lag_token: bool = False
 
     def psi(self) -> Bias:
         """ψ of the bias with its parameters bound (:func:`.objectives.bias_hook`)."""

@@ -24,6 +24,7 @@ Per-head gates are the same with one channel shared by all units (``C = 1``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -105,46 +106,83 @@ def _exact_end_read(
     return torch.where(last_row & full[:, None, None, None], o_end, out)
 
 
+class Piece(NamedTuple):
+    """Positions ``[lo, hi)`` of every chunk run as one dual-form step, with their coefficients (``coef``:
+    ``[N, H, n_chunks, C, b']``, ``end``: ``[N, H, n_chunks, C]``) and, where ``exact`` and the piece's last
+    row is a token (``full: [N, n_chunks]``), that row read through the exact map ``R(A)``."""
+
+    lo: int
+    hi: int
+    coef: ChunkCoefficients
+    end: ClosingRows
+    full: torch.Tensor
+    exact: bool
+
+
 def _autograd_chunks(
     Q: torch.Tensor,
     K: torch.Tensor,
     V: torch.Tensor,
     deltas: Sequence[torch.Tensor | None],
-    coef: ChunkCoefficients,
-    end: ClosingRows,
-    full: torch.Tensor,
+    pieces: Sequence[Piece],
     A: list[torch.Tensor],
     S: list[torch.Tensor],
     psi: Bias,
     mirror: Retention,
-    exact_ends: bool,
     spec: MemorySpec,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The chunk loop for any bias, retention and gate layout, differentiated by autograd: outputs
-    ``[N, H, n_chunks, b, D]`` and the final dual state ``A`` and momentum ``S``. The coefficients carry a
-    channel axis (``coef``: ``[N, H, n_chunks, C, b]``, ``end``: ``[N, H, n_chunks, C]``) cut per layer,
-    ``C = 1`` for per-head gates. With ``exact_ends`` (a retention map other than the identity) the
-    last row of each full chunk (``full: [N, n_chunks]``) is read through ``R(A_end)``."""
-    W = [mirror(a) for a in A]
-    widths = [w.shape[-1] for w in W]
+    ``[N, H, n_chunks, b, D]`` and the final dual state ``A`` and momentum ``S``. Each chunk runs its
+    ``pieces`` in order (one piece of all ``b`` rows; with the lag token, row 0 then rows 1..b−1), each a
+    dual-form step from the weights ``W = R(A)`` at its start. The coefficients carry a channel axis cut
+    per layer, ``C = 1`` for per-head gates."""
+    widths = [w.shape[-1] for w in A]
     # unbind once: indexing chunk c of a tensor that requires grad costs a full-size backward each time;
     # rows t and the channel axis last ([..., b, C]) so that they broadcast against [..., b, d_l]
-    per_chunk = (
-        *(Q, K, V, coef.G, coef.beta.mT, coef.d.mT),
-        *(end.beta.unsqueeze(-2), end.d.unsqueeze(-2), end.m.unsqueeze(-2), end.G.mT, end.n.mT),
-    )
-    fulls = full.unbind(1)
-    outputs = []
-    for c, (Qc, Kc, Vc, G, *rows) in enumerate(zip(*(x.unbind(2) for x in per_chunk))):
-        G = layer_slices(G, widths, -3)  # per layer [..., 1 | d_l, b, b]
-        beta, d, beta_e, d_e, m_e, G_e, n_e = (layer_slices(r, widths) for r in rows)  # [..., b | 1, 1 | d_l]
-        X, err = _gradient_factors(Kc, Vc, deltas[c], W, psi, spec)
-        out = _dual_read(Qc, W, S, X, err, beta, d, G, spec)
-        A = [be * a + de * s - x.mT @ (ge * dl) for a, s, x, dl, be, de, ge in zip(A, S, X, err, beta_e, d_e, G_e)]
-        S = [me * s - x.mT @ (ne * dl) for s, x, dl, me, ne in zip(S, X, err, m_e, n_e)]
-        W = [mirror(a) for a in A]
-        outputs.append(_exact_end_read(out, Qc, W, fulls[c], spec) if exact_ends else out)
+    per_piece = [
+        [x.unbind(2) for x in (
+            piece.coef.G, piece.coef.beta.mT, piece.coef.d.mT, piece.end.beta.unsqueeze(-2),
+            piece.end.d.unsqueeze(-2), piece.end.m.unsqueeze(-2), piece.end.G.mT, piece.end.n.mT,
+        )] + [piece.full.unbind(1)]
+        for piece in pieces
+    ]
+    outputs, W = [], [mirror(a) for a in A]
+    for c, (Qc, Kc, Vc) in enumerate(zip(Q.unbind(2), K.unbind(2), V.unbind(2))):
+        out = []
+        for piece, per_chunk in zip(pieces, per_piece):
+            G, *rows, full = (x[c] for x in per_chunk)
+            rows_q, rows_k, rows_v = (x[..., piece.lo:piece.hi, :] for x in (Qc, Kc, Vc))
+            delta = None if deltas[c] is None else deltas[c][..., piece.lo:piece.hi, :]
+            G = layer_slices(G, widths, -3)  # per layer [..., 1 | d_l, b', b']
+            beta, d, beta_e, d_e, m_e, G_e, n_e = (layer_slices(r, widths) for r in rows)  # [..., b' | 1, 1 | d_l]
+            X, err = _gradient_factors(rows_k, rows_v, delta, W, psi, spec)
+            o = _dual_read(rows_q, W, S, X, err, beta, d, G, spec)
+            A = [be * a + de * s - x.mT @ (ge * dl) for a, s, x, dl, be, de, ge in zip(A, S, X, err, beta_e, d_e, G_e)]
+            S = [me * s - x.mT @ (ne * dl) for s, x, dl, me, ne in zip(S, X, err, m_e, n_e)]
+            W = [mirror(a) for a in A]
+            out.append(_exact_end_read(o, rows_q, W, full, spec) if piece.exact else o)
+        outputs.append(torch.cat(out, dim=-2))
     return torch.stack(outputs, dim=2), A, S
+
+
+def _pieces(
+    gates: Sequence[torch.Tensor], valid: torch.Tensor, full: torch.Tensor, spec: MemorySpec, dtype: torch.dtype
+) -> list[Piece]:
+    """How each chunk runs (``gates``: θ, η, α ``[N, H, n_chunks, C, b]``; ``valid: [N, n_chunks, b]``; ``full``:
+    chunks that close inside their sequence): one piece of ``b`` rows, its last row exact where the chunk is full
+    and the retention is not the identity; with ``spec.lag_token`` row 0 (exact wherever it is a token) then rows
+    ``1..b−1`` (linearised)."""
+    b = spec.chunk_size
+    exact = spec.retention != "none"
+    spans = [(0, 1, valid[..., 0], True), (1, b, full, False)] if spec.lag_token else [(0, b, full, exact)]
+    pieces = []
+    for lo, hi, piece_full, piece_exact in spans:
+        if hi <= lo:
+            continue
+        coef, end = chunk_coefficients(*(g[..., lo:hi] for g in gates), valid[:, None, :, None, lo:hi])
+        coef, end = (type(x)(*(t.to(dtype) for t in x)) for x in (coef, end))
+        pieces.append(Piece(lo, hi, coef, end, piece_full, piece_exact))
+    return pieces
 
 
 def deep_memory_chunk(
@@ -187,13 +225,13 @@ def deep_memory_chunk(
         raise ValueError(f"loop={loop!r} runs the ℓ2 bias, identity retention and per-head gates only; got {spec}")
     C = sum(w.shape[-1] for w in weights) if channel_wise else 1
     coef_dtype = torch.promote_types(lr.dtype, torch.float32)
-    gates = (_pack(channel_axis(g).expand(B, T, H, C).to(coef_dtype), index, valid).mT for g in gates)
-    coef, end = chunk_coefficients(*gates, valid[:, None, :, None])  # [N, H, n_chunks, C, b (, b)]
-    coef, end = (type(c)(*(x.to(q.dtype) for x in c)) for c in (coef, end))
+    gates = [_pack(channel_axis(g).expand(B, T, H, C).to(coef_dtype), index, valid).mT for g in gates]
     chunk_start = torch.arange(n_chunks, device=q.device) * b
     full = length[:, None] - chunk_start >= b  # [N, n_chunks]: chunks that close inside their sequence
     A, S = initial_state(weights, initial_momentum, N)
     if loop != "autograd":
+        coef, end = chunk_coefficients(*gates, valid[:, None, :, None])  # [N, H, n_chunks, C, b (, b)]
+        coef, end = (type(c)(*(x.to(q.dtype) for x in c)) for c in (coef, end))
         per_head = [x.squeeze(3) for x in (coef.beta, coef.d, coef.G, end.beta, end.d, end.m, end.G, end.n)]
         major = [x.movedim(2, 0).flatten(1, 2) for x in (Q, K, V, *per_head)]
         o, *state = LOOPS[loop].apply(spec, *major, *(t.flatten(0, 1) for t in (*A, *S)))
@@ -202,9 +240,8 @@ def deep_memory_chunk(
     else:
         mirror = spec.mirror()
         A = dual_state(spec.retention, A)
-        o, A, S = _autograd_chunks(
-            Q, K, V, deltas, coef, end, full, A, S, spec.psi(), mirror, spec.retention != "none", spec
-        )
+        pieces = _pieces(gates, valid, full, spec, q.dtype)
+        o, A, S = _autograd_chunks(Q, K, V, deltas, pieces, A, S, spec.psi(), mirror, spec)
         A = exchanged_state(spec.retention, mirror, A)
 
     o = o.permute(0, 2, 3, 1, 4).reshape(N, n_chunks * b, H, D)

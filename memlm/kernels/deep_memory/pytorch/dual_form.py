@@ -48,8 +48,9 @@ SECOND_DERIVATIVES = {"gelu": gelu_second}  # activations the hand-written backw
 
 def implements(spec: MemorySpec, channel_wise: bool) -> bool:
     """Whether this loop (and its compiled twin) computes ``spec``'s memory: the ℓ2 bias, the identity retention,
-    an activation in ``SECOND_DERIVATIVES`` and per-head gates (``channel_wise`` False)."""
-    return (spec.bias, spec.retention) == ("l2", "none") and spec.activation in SECOND_DERIVATIVES and not channel_wise
+    an activation in ``SECOND_DERIVATIVES``, per-head gates (``channel_wise`` False) and no lag token."""
+    plain = (spec.bias, spec.retention) == ("l2", "none") and not spec.lag_token
+    return plain and spec.activation in SECOND_DERIVATIVES and not channel_wise
 
 
 def _flat(blocks: torch.Tensor) -> torch.Tensor:

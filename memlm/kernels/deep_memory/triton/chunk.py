@@ -186,6 +186,19 @@ def _parameters(fn: Callable[..., torch.Tensor], params: Mapping[str, float] | N
     return tuple(float(value) for value in {**hook_parameters(fn), **(params or {})}.values())
 
 
+def _retention_parameters(spec: MemorySpec, weights: Sequence[torch.Tensor]) -> tuple[float, ...]:
+    """The retention map's constexpr tuple: its parameters and, for ``lq`` (whose mean runs over a layer's
+    ``d_in·d_out`` entries, which the kernels see only as zero-padded tiles), that number of entries ``n``
+    (the same for every layer the kernels take: ``[D, D]``, or ``[D, d_1]`` and ``[d_1, D]``)."""
+    params = _parameters(RETENTIONS[spec.retention], spec.retention_params)
+    if spec.retention != "lq":
+        return params
+    sizes = {w.shape[-2] * w.shape[-1] for w in weights}
+    if len(sizes) != 1:
+        raise ValueError(f"retention='lq' on the Triton path needs layers of one size, got {sorted(sizes)} entries")
+    return (*params, float(sizes.pop()))
+
+
 def deep_memory_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -221,7 +234,7 @@ def deep_memory_triton(
     mirror = spec.mirror()
     hooks = dict(
         BIAS=spec.bias, BIAS_PARAMS=_parameters(BIASES[spec.bias], spec.bias_params),
-        RETENTION=spec.retention, RETENTION_PARAMS=_parameters(RETENTIONS[spec.retention], spec.retention_params),
+        RETENTION=spec.retention, RETENTION_PARAMS=_retention_parameters(spec, weights),
     )
     cfg = _Config(
         spec=spec, block_hidden=block_hidden, store_states=needs_grad, depth=depth,

@@ -128,8 +128,8 @@ def retention_vjp_tiles(A1, A2, W1, W2, slot, gW1, gW2, gA1, gA2, ws, i_h, H: tl
         gW2j = tl.load(g2, mask=m2, other=0.0)
         total1 += norm_partial(A1j, RETENTION, PARAMS)
         total2 += norm_partial(A2j, RETENTION, PARAMS)
-        inner1 += inner_partial(A1j, gW1j, RETENTION)
-        inner2 += inner_partial(A2j, gW2j, RETENTION)
+        inner1 += inner_partial(A1j, gW1j, RETENTION, PARAMS)
+        inner2 += inner_partial(A2j, gW2j, RETENTION, PARAMS)
         colsum2 += column_inner(tl.load(w2, mask=m2, other=0.0), gW2j, RETENTION)
     for j in range(tl.cdiv(HD, BH)):
         a1, a2, m1, m2 = hidden_tile_ptrs(A1, A2, slot, i_h, j, H, D, HD, BD, BH)

@@ -3,15 +3,22 @@
 The same maps as :mod:`.objectives` (``RETENTIONS``), per layer and head on the state ``A``
 ``[d_in, d_out]``, held whole (one tile) or split in tiles (masked entries zero):
 
-* ``lq_norm``: ``W = A / max(‖A‖_q, ε)^{q−2}`` (Moneta; ``‖·‖_q`` entrywise, ε float32's epsilon);
+* ``lq``: ``W = A ⊙ s^{(r−2)/2} · μ^{(2−r)/r}`` with ``s = A² + ε``, ``r = q/(q − 1)`` and ``μ`` the mean of
+  ``s^{r/2}`` over the ``n = d_in·d_out`` entries (Moneta's mirror map, smoothed ``|A|``);
+* ``lq_norm``: ``W = A / max(‖A‖_q, ε)^{q−2}`` (the printed formula; ``‖·‖_q`` entrywise, ε float32's epsilon);
 * ``max_norm``: ``W = A · c / max(‖A‖_F, c)``;
 * ``softmax``: ``W = c · Softmax(A)`` over ``d_in`` (axis 0) for every column (Memora).
 
-``RETENTION`` names the map (constexpr string), ``PARAMS`` its parameter tuple (``(q,)`` or ``(c,)``).
-The norm maps reduce over the whole matrix: every tile adds :func:`norm_partial` to a running total.
+``RETENTION`` names the map (constexpr string), ``PARAMS`` its parameter tuple (``(q,)`` or ``(c,)``;
+``(q, ε, n)`` for ``lq``, ``n`` the number of entries of a layer's matrix, appended by ``chunk.py``: the
+kernels see only zero-padded tiles).
+The norm maps and ``lq`` reduce over the whole matrix: every tile adds :func:`norm_partial` to a running
+total (``lq``: ``Σ (s^{r/2} − ε^{r/2})``, zero on zero entries, so the padding adds nothing and
+``μ = total/n + ε^{r/2}``).
 The softmax reduces over axis 0: :func:`softmax_columns` folds a tile's rows into per-column running
 maxima and sums of exponentials. Both need the whole matrix's statistics before :func:`retention_apply`.
-The VJP ``gA = J_R(A)ᵀ gW`` needs ``⟨gW, A⟩`` (norm maps) or the column sums of ``W ⊙ gW`` (softmax).
+The VJP ``gA = J_R(A)ᵀ gW`` needs ``⟨gW, A⟩`` (norm maps), ``⟨gW, A ⊙ s^{(r−2)/2}⟩`` (``lq``) or the
+column sums of ``W ⊙ gW`` (softmax).
 """
 
 from __future__ import annotations
@@ -30,9 +37,42 @@ def _abs_pow(x, r):
 
 
 @triton.jit
+def _pow(x, r):
+    """``x^r`` for ``x > 0``."""
+    return tl.exp(r * tl.log(x))
+
+
+@triton.jit
+def _lq_floor(PARAMS: tl.constexpr):
+    """``ε^{r/2}``: the ``s^{r/2}`` of a zero entry (``PARAMS = (q, ε, n)``, ``r = q/(q − 1)``)."""
+    return _pow(tl.full([], PARAMS[1], tl.float32), 0.5 * (PARAMS[0] / (PARAMS[0] - 1.0)))
+
+
+@triton.jit
+def _lq_mean(total, PARAMS: tl.constexpr):
+    """``(μ^κ, κ r μ^{κ−1} / n)`` of ``lq`` from ``total = Σ (s^{r/2} − ε^{r/2})``, ``κ = (2 − r)/r``."""
+    r = PARAMS[0] / (PARAMS[0] - 1.0)
+    kappa = (2.0 - r) / r
+    mean = total / PARAMS[2] + _lq_floor(PARAMS)
+    scale = _pow(mean, kappa)
+    return scale, kappa * r / PARAMS[2] * scale / mean
+
+
+@triton.jit
+def _lq_slope(A, PARAMS: tl.constexpr):
+    """``(s^{(r−2)/2}, s)`` of ``lq`` on a tile, ``s = a² + ε``."""
+    s = A * A + PARAMS[1]
+    return _pow(s, 0.5 * (PARAMS[0] / (PARAMS[0] - 1.0) - 2.0)), s
+
+
+@triton.jit
 def norm_partial(A, RETENTION: tl.constexpr, PARAMS: tl.constexpr):
-    """A tile's part of the norm statistic: ``Σ |a|^q`` (lq_norm), ``Σ a²`` (max_norm), else 0."""
-    if RETENTION == "lq_norm":
+    """A tile's part of the norm statistic: ``Σ |a|^q`` (lq_norm), ``Σ a²`` (max_norm),
+    ``Σ_{a≠0} (s^{r/2} − ε^{r/2})`` (lq: padding and zeros add 0), else 0."""
+    if RETENTION == "lq":
+        r = PARAMS[0] / (PARAMS[0] - 1.0)
+        total = tl.sum(tl.where(A != 0, _pow(A * A + PARAMS[1], 0.5 * r) - _lq_floor(PARAMS), 0.0))
+    elif RETENTION == "lq_norm":
         total = tl.sum(_abs_pow(A, PARAMS[0]))
     elif RETENTION == "max_norm":
         total = tl.sum(A * A)
@@ -42,9 +82,12 @@ def norm_partial(A, RETENTION: tl.constexpr, PARAMS: tl.constexpr):
 
 
 @triton.jit
-def inner_partial(A, g, RETENTION: tl.constexpr):
-    """A tile's part of ``⟨gW, A⟩`` for the norm maps' VJP (0 otherwise)."""
-    if RETENTION == "lq_norm" or RETENTION == "max_norm":
+def inner_partial(A, g, RETENTION: tl.constexpr, PARAMS: tl.constexpr):
+    """A tile's part of ``⟨gW, A⟩`` for the norm maps' VJP, ``⟨gW, A ⊙ s^{(r−2)/2}⟩`` for lq's, 0 otherwise."""
+    if RETENTION == "lq":
+        slope, _ = _lq_slope(A, PARAMS)
+        inner = tl.sum(g * A * slope)
+    elif RETENTION == "lq_norm" or RETENTION == "max_norm":
         inner = tl.sum(g * A)
     else:
         inner = tl.zeros([], tl.float32)
@@ -110,6 +153,10 @@ def retention_apply(A, mask, total, m, s, RETENTION: tl.constexpr, PARAMS: tl.co
     softmax column statistics ``m, s`` of this tile's columns)."""
     if RETENTION == "softmax":
         W = PARAMS[0] * tl.exp(A - _finite(m)[None, :]) / tl.where(s > 0, s, 1.0)[None, :]
+    elif RETENTION == "lq":
+        scale, _ = _lq_mean(total, PARAMS)
+        slope, _ = _lq_slope(A, PARAMS)
+        W = (scale * A) * slope
     else:
         scale, _ = _norm_scale(total, RETENTION, PARAMS)
         W = scale * A
@@ -126,11 +173,17 @@ def retention_map(A, mask, RETENTION: tl.constexpr, PARAMS: tl.constexpr):
 
 @triton.jit
 def retention_vjp(A, W, g, total, inner, colsum, RETENTION: tl.constexpr, PARAMS: tl.constexpr):
-    """``J_R(A)ᵀ g`` on a tile, from the whole matrix's ``total`` and ``inner = ⟨g, A⟩`` (norm maps) or
-    this tile's column sums ``colsum = Σ_rows W ⊙ g`` (softmax): ``gA = s g + κ ⟨g, A⟩ ∂n`` or
-    ``W ⊙ (g − colsum / c)``."""
+    """``J_R(A)ᵀ g`` on a tile, from the whole matrix's ``total`` and ``inner = ⟨g, A⟩`` (norm maps),
+    ``inner = ⟨g, A ⊙ m⟩`` (lq) or this tile's column sums ``colsum = Σ_rows W ⊙ g`` (softmax):
+    ``gA = s g + κ ⟨g, A⟩ ∂n``, ``W ⊙ (g − colsum / c)`` or, for lq with ``m = s^{(r−2)/2}``,
+    ``gA = μ^κ g ⊙ m ⊙ (1 + (r − 2) a²/s) + κ r μ^{κ−1} / n · ⟨g, A ⊙ m⟩ A ⊙ m``."""
     if RETENTION == "softmax":
         gA = W * (g - colsum[None, :] / PARAMS[0])
+    elif RETENTION == "lq":
+        scale, coupling = _lq_mean(total, PARAMS)
+        slope, s = _lq_slope(A, PARAMS)
+        r = PARAMS[0] / (PARAMS[0] - 1.0)
+        gA = (scale * g) * slope * (1.0 + (r - 2.0) * (A * A) / s) + (coupling * inner) * (A * slope)
     else:
         scale, kappa = _norm_scale(total, RETENTION, PARAMS)
         if RETENTION == "lq_norm":
@@ -144,5 +197,5 @@ def retention_vjp(A, W, g, total, inner, colsum, RETENTION: tl.constexpr, PARAMS
 @triton.jit
 def retention_map_vjp(A, W, g, RETENTION: tl.constexpr, PARAMS: tl.constexpr):
     """``J_R(A)ᵀ g`` of a matrix held whole in one tile (``W = R(A)``)."""
-    total, inner = norm_partial(A, RETENTION, PARAMS), inner_partial(A, g, RETENTION)
+    total, inner = norm_partial(A, RETENTION, PARAMS), inner_partial(A, g, RETENTION, PARAMS)
     return retention_vjp(A, W, g, total, inner, column_inner(W, g, RETENTION), RETENTION, PARAMS)
