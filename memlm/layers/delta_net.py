@@ -96,17 +96,21 @@ class DeltaNet(LinearMixer):
             t = ACTIVATIONS[self.qk_activation](t)
         return l2norm(t) if self.qk_norm == "l2" else sum_norm(t)
 
+    def beta(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The write strength ``β_t = σ(x W_β)`` (1 without ``b_proj``; ×2 with negative eigenvalues), float32
+        ``[B, T, H]`` (``q``: the heads' layout)."""
+        if self.b_proj is None:
+            beta = q.new_ones(q.shape[:3], dtype=torch.float32)
+        else:
+            beta = torch.sigmoid(self.b_proj(x).float())
+        return beta * (2.0 if self.allow_neg_eigval else 1.0)
+
     def mix(self, x: torch.Tensor, call: MixerCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         qk_fallback = F.silu if self.qk_activation == "silu" else ACTIVATIONS["identity"]
         q = self._feature(call.conv("q", self.q_conv1d, self.q_proj(x), qk_fallback))
         k = self._feature(call.conv("k", self.k_conv1d, self.k_proj(x), qk_fallback))
         v = heads(call.conv("v", self.v_conv1d, self.v_proj(x), F.silu), self.head_v_dim)
-        if self.b_proj is None:
-            beta = q.new_ones(q.shape[:3], dtype=torch.float32)
-        else:
-            beta = torch.sigmoid(self.b_proj(x).float())
-        beta = beta * (2.0 if self.allow_neg_eigval else 1.0)
-        o, memory = call.linear_memory(q, k, v, beta=beta)
+        o, memory = call.linear_memory(q, k, v, beta=self.beta(x, q))
         gate = None if self.g_proj is None else heads(self.g_proj(x), self.head_v_dim)
         o = normed_output(self.o_norm, o, gate).flatten(-2)
         return self.o_proj(o), memory

@@ -90,13 +90,18 @@ class GatedDeltaNet(LinearMixer):
         """Decay rates ``A ~ U(0, 16)`` and the Mamba2 ``dt`` init (as fla's GDN)."""
         init_decay_rates(init, self.A_log, self.dt_bias, 0.0, 16.0)
 
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``g_t = −exp(A_log)·softplus(x W_a + dt_bias)`` (log decay) and ``β_t = σ(x W_β)`` (×2 with negative
+        eigenvalues), float32 ``[B, T, H]``."""
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return g, torch.sigmoid(self.b_proj(x).float()) * (2.0 if self.allow_neg_eigval else 1.0)
+
     def mix(self, x: torch.Tensor, call: MixerCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         q = call.conv("q", self.q_conv1d, self.q_proj(x), F.silu)
         k = call.conv("k", self.k_conv1d, self.k_proj(x), F.silu)
         v = call.conv("v", self.v_conv1d, self.v_proj(x), F.silu)
         q, k = (repeat_heads(l2norm(heads(t, self.head_k_dim)), self.groups) for t in (q, k))
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        beta = torch.sigmoid(self.b_proj(x).float()) * (2.0 if self.allow_neg_eigval else 1.0)
+        g, beta = self.gates(x)
         o, memory = call.linear_memory(q, k, heads(v, self.head_v_dim), g=g, beta=beta)
         gate = None if self.g_proj is None else heads(self.g_proj(x), self.head_v_dim)
         o = normed_output(self.o_norm, o, gate).flatten(-2)

@@ -115,16 +115,21 @@ class Mamba2(LinearMixer):
         init_decay_rates(init, self.A_log, self.dt_bias, 1.0, 16.0)
         init.ones_(self.D)
 
+    def step_sizes(self, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Δ_t = softplus(dt + dt_bias)`` (clamped to ``dt_limit``) and the log decay ``g_t = −exp(A_log) Δ_t``
+        from the ``dt`` slice of ``in_proj``, float32 ``[B, T, H]``."""
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_limit is not None:
+            dt = dt.clamp(*self.dt_limit)
+        return dt, -self.A_log.float().exp() * dt
+
     def mix(self, x: torch.Tensor, call: MixerCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         z, xbc, dt = self.in_proj(x).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         width = self.n_groups * self.ssm_state_size
         xs, B, C = call.conv("xBC", self.conv1d, xbc).split([self.intermediate_size, width, width], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        if self.dt_limit is not None:
-            dt = dt.clamp(*self.dt_limit)
+        dt, g = self.step_sizes(dt)
         xs = heads(xs, self.head_dim)
         B, C = (repeat_heads(heads(t, self.ssm_state_size), self.heads_per_group) for t in (B, C))
-        g = -self.A_log.float().exp() * dt
         y, memory = call.linear_memory(C, B, xs * dt[..., None].to(xs.dtype), g=g, scale=1.0)
         D = self.D.view(self.num_heads, -1) if self.D.numel() == self.intermediate_size else self.D[:, None]
         y = (y + xs * D.to(xs.dtype)).flatten(-2)

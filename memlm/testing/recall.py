@@ -81,26 +81,21 @@ def _delta_net(m: Any, x: Tensor, q: Tensor, k: Tensor, v: Tensor, write: float)
     if m.qk_activation not in ("silu", "identity"):  # the forward's SiLU is fused into the conv we bypass
         q, k = ACTIVATIONS[m.qk_activation](q), ACTIVATIONS[m.qk_activation](k)
     q, k = (l2norm(t) if m.qk_norm == "l2" else sum_norm(t) for t in (q, k))
-    beta = q.new_ones(q.shape[:3]) if m.b_proj is None else torch.sigmoid(m.b_proj(x).float())
-    beta = beta * (2.0 if m.allow_neg_eigval else 1.0) * write
-    return linear_memory(q, k, v, beta=beta)[0]
+    return linear_memory(q, k, v, beta=m.beta(x, q) * write)[0]
 
 
 def _gated_deltanet(m: Any, x: Tensor, q: Tensor, k: Tensor, v: Tensor, write: float) -> Tensor:
     """Gated DeltaNet (eq. 10): ``g_t = −exp(A_log)·softplus(x W_a + dt_bias)``, ``β_t = σ(x W_β)``."""
-    g = -m.A_log.float().exp() * F.softplus(m.a_proj(x).float() + m.dt_bias.float())
-    beta = torch.sigmoid(m.b_proj(x).float()) * (2.0 if m.allow_neg_eigval else 1.0) * write
-    return linear_memory(l2norm(q), l2norm(k), v, g=g, beta=beta)[0]
+    g, beta = m.gates(x)
+    return linear_memory(l2norm(q), l2norm(k), v, g=g, beta=beta * write)[0]
 
 
 def _gla(m: Any, x: Tensor, q: Tensor, k: Tensor, v: Tensor, write: float) -> Tensor:
     """GLA (eq. 5): channel-wise ``log α_t = logσ(x W_1 W_2 + b) / normaliser``."""
     if m.feature_map is not None:
         q, k = ACTIVATIONS[m.feature_map](q), ACTIVATIONS[m.feature_map](k)
-    gk = F.logsigmoid(m.gk_proj(x).unflatten(-1, (-1, m.head_k_dim)).float()) / m.gate_logit_normalizer
-    if m.clamp_min is not None:
-        gk = gk.clamp_min(m.clamp_min)
-    return linear_memory(q, k, v * write, gk=gk.repeat_interleave(m.groups, dim=2))[0]
+    _, _, gates = m.decay(x, q, k, MixerCall(None, False, None))
+    return linear_memory(q, k, v * write, **gates)[0]
 
 
 def _retnet(m: Any, x: Tensor, q: Tensor, k: Tensor, v: Tensor, write: float) -> Tensor:
@@ -116,10 +111,7 @@ def _mamba2(m: Any, x: Tensor, q: Tensor, k: Tensor, v: Tensor, write: float) ->
     """Mamba2 (SSD): ``q = C``, ``k = B``, ``v = Δ x``, ``g = −exp(A_log) Δ``, ``Δ = softplus(dt + dt_bias)``,
     scale 1; the read is ``C h_t`` without the skip ``D ⊙ x_t``. Keys are drawn per head (the forward shares
     ``B`` among the heads of a group)."""
-    dt = F.softplus(m.in_proj(x)[..., -m.num_heads:].float() + m.dt_bias.float())
-    if m.dt_limit is not None:
-        dt = dt.clamp(*m.dt_limit)
-    g = -m.A_log.float().exp() * dt
+    dt, g = m.step_sizes(m.in_proj(x)[..., -m.num_heads:])
     return linear_memory(q, k, v * dt[..., None] * write, g=g, scale=1.0)[0]
 
 

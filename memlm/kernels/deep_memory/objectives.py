@@ -103,7 +103,7 @@ def lq_retention(a: torch.Tensor, *, q: float = 4.0, eps: float = 1e-6) -> torch
 def lq_inverse(w: torch.Tensor, *, q: float = 4.0, eps: float = 1e-6) -> torch.Tensor:
     """The state ``A`` whose :func:`lq_retention` is ``w`` (``ε`` → 0): ``A = ∇G(W) = sign(W) ⊙ |W|^{q−1} ·
     (mean |W|^q)^{(2−q)/q}`` (the mirror map of the conjugate exponent); used to start the memory at
-    given weights."""
+    given weights. It takes ``lq_retention``'s parameters; ``eps`` (the smoothing) is left out of the inverse."""
     mean = w.abs().pow(q).mean(dim=(-2, -1), keepdim=True)
     return torch.sign(w) * w.abs().pow(q - 1) * mean.pow((2 - q) / q)
 
