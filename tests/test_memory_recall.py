@@ -31,6 +31,8 @@ BARS: dict[str, tuple[float, float]] = {
     "moneta": (0.42, 0.39),  # 0.596 / 0.554
     "yaad": (0.66, 0.64),  # 0.943 / 0.923
     "memora": (0.63, 0.50),  # 0.896 / 0.718
+    # MoM (GDN memories, 4 of them top-2 plus the shared one); min over seeds 0–2: 0.864 / 0.554
+    "mom": (0.60, 0.38),  # 1.000 / 0.985
 }
 
 # Options the recall test builds a mixer with, where its default is not what a memory layer starts from.

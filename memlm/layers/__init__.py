@@ -9,6 +9,7 @@ from memlm.layers import (  # noqa: F401  (each module registers its mixers)
     hgrn2,
     mamba2,
     miras,
+    mom,
     neural_memory,
     retnet,
     titans_mac,

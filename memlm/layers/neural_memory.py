@@ -67,8 +67,106 @@ SAFEGUARDS = {
 }
 
 
+class MemoryParameters:
+    """What one deep memory owns besides its q/k/v projections: the gate projections θ, η, α (δ), the
+    memory's start weights, their initialisation and the kernel call. Mixed into :class:`NeuralMemory`
+    and into each memory of a Mixture-of-Memories over the deep memory (``layers/mom_memories.py``);
+    the owner sets ``opts``, ``spec``, ``num_heads`` and ``head_dim`` first."""
+
+    opts: Any
+    spec: MemorySpec
+    num_heads: int
+    head_dim: int
+
+    def build_memory(self, hidden_size: int) -> None:
+        """``lr_proj``, ``momentum_proj``, ``forget_proj``, ``delta_proj`` (absent ones None) and
+        ``memory_weights``, one ``[H, d_in, d_out]`` per memory layer."""
+        opts = self.opts
+        dims = [self.head_dim] + [opts.expansion * self.head_dim] * (opts.depth - 1) + [self.head_dim]
+        channel = opts.gates == "channel"
+
+        def gate(channels: int) -> GateProjection:
+            return GateProjection(hidden_size, self.num_heads, channels if channel else None, opts.gate_rank)
+
+        self.lr_proj = gate(sum(dims[1:]))
+        self.momentum_proj = gate(sum(dims[1:])) if opts.momentum else None
+        self.forget_proj = gate(sum(dims[1:])) if opts.forget else None
+        uses_delta = "delta" in per_token_arguments(BIASES[self.spec.bias])
+        coordinate = opts.huber_switch == "coordinate"
+        self.delta_proj = (
+            GateProjection(hidden_size, self.num_heads, self.head_dim if coordinate else None, opts.gate_rank)
+            if uses_delta else None
+        )
+        self.memory_weights = nn.ParameterList(
+            nn.Parameter(torch.zeros(self.num_heads, a, b)) for a, b in zip(dims, dims[1:])
+        )
+
+    def init_memory(self, init: Any) -> None:
+        """Memory weights ``W = R(A)`` ~ N(0, 1/d_in), the first layer ~ N(0, 1) with ``unit_key_init`` (the keys
+        are unit vectors, so that its pre-activations have unit variance and the memory's LayerNorm does not
+        amplify the inner gradient tenfold: docs/design.md §4.2); the state ``A`` drawn so (the identity, or
+        ``A = R⁻¹(W)`` for the ℓq mirror map); softmax logits ~ N(0, 1) so that the hidden units differ; θ starts at
+        max_lr/2, η ≈ 0.88, α ≈ 0.018; Huber's δ on the norm at 2√d, above a fresh memory's error norm (≈ √(2d)
+        for unit-RMS values and outputs), so that tokens start in the ℓ2 branch and the ℓ1 branch takes the
+        outliers (at √d most tokens took the ℓ1 branch, whose Sign(e) passes no gradient to the values, and
+        Yaad did not learn MQAR: docs/design.md §4.2); 1 per coordinate."""
+        simplex = self.spec.retention in WEIGHT_STATE  # logits A of W = c·Softmax(A): spread them
+        for layer, w in enumerate(self.memory_weights):
+            unit = simplex or (layer == 0 and self.opts.unit_key_init)
+            init.normal_(w, mean=0.0, std=1.0 if unit else 1.0 / math.sqrt(w.shape[1]))
+            if self.spec.retention in INVERSES:  # transformers' copy_ skips a loaded tensor, like its normal_
+                state = INVERSES[self.spec.retention](w.detach(), **(self.spec.retention_params or {}))
+                with torch.no_grad():
+                    getattr(init, "copy_", torch.Tensor.copy_)(w, state)
+        init.zeros_(self.lr_proj.bias)
+        if self.momentum_proj is not None:
+            init.constant_(self.momentum_proj.bias, 2.0)
+        if self.forget_proj is not None:
+            init.constant_(self.forget_proj.bias, -4.0)
+        if self.delta_proj is not None:
+            target = 1.0 if self.opts.huber_switch == "coordinate" else 2 * math.sqrt(self.head_dim)
+            init.constant_(self.delta_proj.bias, math.log(math.expm1(target)))  # softplus⁻¹(target)
+
+    def gates(self, x: torch.Tensor) -> Gates:
+        """``θ = max_lr · σ(x W_θ)``, ``η = σ(x W_η)``, ``α = σ(x W_α)``, ``δ = softplus(x W_δ)`` (absent ones
+        None), ``[B, T, H]`` or channel-wise ``[B, T, H, C]`` (δ ``[B, T, H, d]`` per coordinate)."""
+        lr = self.opts.max_lr * torch.sigmoid(self.lr_proj(x))
+        eta = torch.sigmoid(self.momentum_proj(x)) if self.momentum_proj is not None else None
+        alpha = torch.sigmoid(self.forget_proj(x)) if self.forget_proj is not None else None
+        delta = F.softplus(self.delta_proj(x)) if self.delta_proj is not None else None
+        return lr, eta, alpha, delta
+
+    def start_weights(self) -> list[torch.Tensor]:
+        """The weights a fresh memory starts from: the parameters, or ``R(A)`` for retentions whose state is
+        the weights (Memora's simplex), so they stay on the simplex whatever the optimiser does."""
+        weights = list(self.memory_weights)
+        if self.spec.retention in WEIGHT_STATE:
+            weights = [self.spec.mirror()(w) for w in weights]
+        return weights
+
+    def write_read(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gates: Gates,
+        memory: tuple[list[torch.Tensor], list[torch.Tensor] | None],
+        want_state: bool,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]] | None]:
+        """The memory recurrence over ``[B, T, H, d]`` from ``memory = (W, S)``: reads after writes."""
+        dtype = q.dtype
+        weights = [w.to(dtype) for w in memory[0]]
+        momentum = [s.to(dtype) for s in memory[1]] if memory[1] is not None else None
+        lr, eta, alpha, delta = (g.to(dtype) if g is not None else None for g in gates)
+        return deep_memory(
+            q, k, v, lr, eta, alpha, weights, self.spec, delta=delta, initial_momentum=momentum,
+            output_final_state=want_state, cu_seqlens=cu_seqlens, backend=self.opts.backend,
+        )
+
+
 @register_mixer("titans_memory")
-class NeuralMemory(Mixer):
+class NeuralMemory(MemoryParameters, Mixer):
     @dataclass
     class Options:
         num_heads: int | None = None  # default: config.num_heads
@@ -164,24 +262,7 @@ class NeuralMemory(Mixer):
             self.q_conv1d = ShortConvolution(inner, opts.conv_size)
             self.k_conv1d = ShortConvolution(inner, opts.conv_size)
             self.v_conv1d = ShortConvolution(inner, opts.conv_size)
-        dims = [self.head_dim] + [opts.expansion * self.head_dim] * (opts.depth - 1) + [self.head_dim]
-        channel = opts.gates == "channel"
-
-        def gate(channels: int) -> GateProjection:
-            return GateProjection(hidden_size, self.num_heads, channels if channel else None, opts.gate_rank)
-
-        self.lr_proj = gate(sum(dims[1:]))
-        self.momentum_proj = gate(sum(dims[1:])) if opts.momentum else None
-        self.forget_proj = gate(sum(dims[1:])) if opts.forget else None
-        uses_delta = "delta" in per_token_arguments(BIASES[self.spec.bias])
-        coordinate = opts.huber_switch == "coordinate"
-        self.delta_proj = (
-            GateProjection(hidden_size, self.num_heads, self.head_dim if coordinate else None, opts.gate_rank)
-            if uses_delta else None
-        )
-        self.memory_weights = nn.ParameterList(
-            nn.Parameter(torch.zeros(self.num_heads, a, b)) for a, b in zip(dims, dims[1:])
-        )
+        self.build_memory(hidden_size)
         self.g_proj = nn.Linear(hidden_size, inner, bias=False)
         self.o_norm = GatedRMSNorm(self.head_dim, eps=config.norm_eps)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
@@ -189,30 +270,8 @@ class NeuralMemory(Mixer):
             self.persistent_tokens = nn.Parameter(torch.zeros(opts.num_persistent, hidden_size))
 
     def init_weights(self, init: Any, std: float) -> None:
-        """Memory weights ``W = R(A)`` ~ N(0, 1/d_in), the first layer ~ N(0, 1) with ``unit_key_init`` (the keys
-        are unit vectors, so that its pre-activations have unit variance and the memory's LayerNorm does not
-        amplify the inner gradient tenfold: docs/design.md §4.2); the state ``A`` drawn so (the identity, or
-        ``A = R⁻¹(W)`` for the ℓq mirror map); softmax logits ~ N(0, 1) so that the hidden units differ; θ starts at
-        max_lr/2, η ≈ 0.88, α ≈ 0.018; Huber's δ on the norm at 2√d, above a fresh memory's error norm (≈ √(2d)
-        for unit-RMS values and outputs), so that tokens start in the ℓ2 branch and the ℓ1 branch takes the
-        outliers (at √d most tokens took the ℓ1 branch, whose Sign(e) passes no gradient to the values, and
-        Yaad did not learn MQAR: docs/design.md §4.2); 1 per coordinate."""
-        simplex = self.spec.retention in WEIGHT_STATE  # logits A of W = c·Softmax(A): spread them
-        for layer, w in enumerate(self.memory_weights):
-            unit = simplex or (layer == 0 and self.opts.unit_key_init)
-            init.normal_(w, mean=0.0, std=1.0 if unit else 1.0 / math.sqrt(w.shape[1]))
-            if self.spec.retention in INVERSES:  # transformers' copy_ skips a loaded tensor, like its normal_
-                state = INVERSES[self.spec.retention](w.detach(), **(self.spec.retention_params or {}))
-                with torch.no_grad():
-                    getattr(init, "copy_", torch.Tensor.copy_)(w, state)
-        init.zeros_(self.lr_proj.bias)
-        if self.momentum_proj is not None:
-            init.constant_(self.momentum_proj.bias, 2.0)
-        if self.forget_proj is not None:
-            init.constant_(self.forget_proj.bias, -4.0)
-        if self.delta_proj is not None:
-            target = 1.0 if self.opts.huber_switch == "coordinate" else 2 * math.sqrt(self.head_dim)
-            init.constant_(self.delta_proj.bias, math.log(math.expm1(target)))  # softplus⁻¹(target)
+        """The memory's parameters (:meth:`MemoryParameters.init_memory`); persistent tokens ~ N(0, std²)."""
+        self.init_memory(init)
         if self.opts.num_persistent:
             init.normal_(self.persistent_tokens, mean=0.0, std=std)
 
@@ -244,11 +303,7 @@ class NeuralMemory(Mixer):
         v = self._heads(v)
         if self.opts.value_norm:
             v = F.rms_norm(v, (self.head_dim,), eps=1e-6)
-        lr = self.opts.max_lr * torch.sigmoid(self.lr_proj(x))
-        eta = torch.sigmoid(self.momentum_proj(x)) if self.momentum_proj is not None else None
-        alpha = torch.sigmoid(self.forget_proj(x)) if self.forget_proj is not None else None
-        delta = F.softplus(self.delta_proj(x)) if self.delta_proj is not None else None
-        return q, F.normalize(self._heads(k), dim=-1), v, (lr, eta, alpha, delta), (cq, ck, cv)
+        return q, F.normalize(self._heads(k), dim=-1), v, self.gates(x), (cq, ck, cv)
 
     def _conv(
         self, name: str, t: torch.Tensor, history: torch.Tensor | None, cu_seqlens: torch.Tensor | None
@@ -256,26 +311,6 @@ class NeuralMemory(Mixer):
         if not self.opts.short_conv:
             return F.silu(t), None
         return getattr(self, f"{name}_conv1d")(t, history, use_cache=cu_seqlens is None, cu_seqlens=cu_seqlens)
-
-    def write_read(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        gates: Gates,
-        memory: tuple[list[torch.Tensor], list[torch.Tensor] | None],
-        want_state: bool,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]] | None]:
-        """The memory recurrence over ``[B, T, H, d]`` from ``memory = (W, S)``: reads after writes."""
-        dtype = q.dtype
-        weights = [w.to(dtype) for w in memory[0]]
-        momentum = [s.to(dtype) for s in memory[1]] if memory[1] is not None else None
-        lr, eta, alpha, delta = (g.to(dtype) if g is not None else None for g in gates)
-        return deep_memory(
-            q, k, v, lr, eta, alpha, weights, self.spec, delta=delta, initial_momentum=momentum,
-            output_final_state=want_state, cu_seqlens=cu_seqlens, backend=self.opts.backend,
-        )
 
     def read(self, q: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         """``M_W(q)`` without writing (``q`` ``[B, T, H, d]``, the exchanged state shared or per batch; read
@@ -298,9 +333,7 @@ class NeuralMemory(Mixer):
         beam search reorders its rows): the learned weights, after the persistent tokens. For
         retentions whose state is the weights (Memora's simplex) the parameters are ``A`` and the
         weights ``R(A)``, so they stay on the simplex whatever the optimiser does."""
-        weights = list(self.memory_weights)
-        if self.spec.retention in WEIGHT_STATE:
-            weights = [self.spec.mirror()(w) for w in weights]
+        weights = self.start_weights()
         if not self.opts.num_persistent:
             return [w.expand(batch, *w.shape) for w in weights], None
         p = self.persistent_tokens[None]

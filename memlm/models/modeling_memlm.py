@@ -6,6 +6,7 @@ Parameter names follow flash-linear-attention (``model.embeddings``, ``model.lay
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,9 +17,28 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
+from memlm.layers import aux_loss
 from memlm.layers.block import Block
 from memlm.models.cache import MemLMCache
 from memlm.models.configuration_memlm import MemLMConfig
+
+
+@dataclass
+class MemLMModelOutput(BaseModelOutputWithPast):
+    """``aux_loss``: the mixers' auxiliary losses, scaled and summed (None when no mixer has one);
+    ``aux_losses``: each kind unscaled, by name (``memlm.layers.aux_loss``)."""
+
+    aux_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class MemLMCausalLMOutput(CausalLMOutputWithPast):
+    """``loss`` is the language-model cross-entropy alone; the training objective is ``loss + aux_loss``
+    (the trainer adds it; a custom loop must too: MoM's load balance is in ``aux_loss``)."""
+
+    aux_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
 
 
 class MemLMPreTrainedModel(PreTrainedModel):
@@ -87,7 +107,7 @@ class MemLMModel(MemLMPreTrainedModel):
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
+    ) -> MemLMModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -97,14 +117,17 @@ class MemLMModel(MemLMPreTrainedModel):
         if use_cache and cache is None:
             cache = MemLMCache(len(self.layers))
         h = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            state = cache.states[i] if cache is not None else None
-            h, new_state = layer(h, state=state, use_cache=use_cache, cu_seqlens=cu_seqlens)
-            if use_cache:
-                cache.states[i] = new_state
+        with aux_loss.collect() as terms:
+            for i, layer in enumerate(self.layers):
+                state = cache.states[i] if cache is not None else None
+                h, new_state = layer(h, state=state, use_cache=use_cache, cu_seqlens=cu_seqlens)
+                if use_cache:
+                    cache.states[i] = new_state
         if use_cache:
             cache.seen_tokens += h.shape[1]
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
+        total, values = aux_loss.combine(terms)
+        return MemLMModelOutput(last_hidden_state=self.norm(h), cache=cache, aux_loss=total,
+                                aux_losses=values or None)
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -172,7 +195,7 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         past_key_values: MemLMCache | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> MemLMCausalLMOutput:
         """``cache`` is the decoding state (transformers >= 5.24 passes it under that name);
         ``past_key_values``, its earlier name, is accepted too."""
         if past_key_values is not None:
@@ -193,4 +216,5 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return MemLMCausalLMOutput(loss=loss, logits=logits, cache=out.cache, aux_loss=out.aux_loss,
+                                   aux_losses=out.aux_losses)

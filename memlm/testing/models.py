@@ -46,6 +46,12 @@ CASES: dict[str, dict] = {
     "memora": {"mixer": {"name": "memora", "chunk_size": 4, "gate_rank": 4, "num_persistent": 2}},
     "moneta-h": {"ratio": "1:1", "mixer": {"name": "moneta", "chunk_size": 4, "gate_rank": 4},
                  "ratio_mixer": {"name": "attention", "window_size": 4}},
+    "mom": {"mixer": {"name": "mom", "num_heads": 2}},
+    "mom-gla-single": {"mixer": {"name": "mom", "base": "gla", "num_memories": 3, "topk": 1, "shared_mem": False,
+                                 "single_kv_proj": True, "use_output_gate": False, "expand_v": 2.0}},
+    "mom-titans": {"mixer": {"name": "mom", "num_heads": 2, "base": {"name": "titans_memory", "chunk_size": 4}}},
+    "mom-memora": {"mixer": {"name": "mom", "num_heads": 2, "topk": 1,
+                             "base": {"name": "memora", "chunk_size": 3, "gate_rank": 4}}},
     "mac-yaad": {"mixer": {"name": "titans_mac", "segment_size": 6, "memory": {"name": "yaad", "chunk_size": 4},
                            "attention": {"name": "attention", "num_persistent": 2}, "normalize_attention": True}},
 }

@@ -45,6 +45,7 @@ from memlm.layers.linear_common import ACTIVATIONS, MixerCall, l2norm, log_forge
 from memlm.layers.registry import MIXERS, parse_spec
 from memlm.layers.retnet import ROPE_THETA, retention_log_decay
 from memlm.layers.rotary import rotary
+from memlm.layers.routing import Buckets, route, sequence_ids
 
 __all__ = ["ADAPTERS", "EXCLUDED", "write_then_read"]
 
@@ -122,6 +123,31 @@ def _hgrn2(m: Any, x: Tensor, q: Tensor, k: Tensor, v: Tensor, write: float) -> 
     return linear_memory(q, k, v * write, gk=log_f.unflatten(-1, (-1, m.head_f_dim)))[0]
 
 
+def _mom(m: Any, x: Tensor, q: Tensor, k: Tensor, v: Tensor, write: float) -> Tensor:
+    """Mixture-of-Memories: each token routed by the router at init to its top-k memories (plus the shared
+    one), every memory with its own gates (``m.kind``), outputs mixed by the routing weights. A read whose
+    query is an earlier key is routed as that key's token was (in a model the same token has the same
+    hidden input, so the same memories); every other token by its own ``x``. The values are scaled by
+    ``write``."""
+    batch, seqlen = x.shape[:2]
+    match = torch.einsum("bthd,bshd->bts", q, k) / q.shape[2]  # 1 where q_t equals k_s in every head
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=x.device).tril()
+    match = match.masked_fill(~causal, -1.0)
+    best, source = match.max(-1)
+    source = torch.where(best > 0.999, source, torch.arange(seqlen, device=x.device))
+    routing = route(m.gate, torch.gather(x, 1, source[..., None].expand_as(x)), m.topk)
+    selected, weights = routing.selected, routing.weights
+    if m.shared_mem:
+        selected = torch.cat([selected, selected.new_full((batch, seqlen, 1), m.num_memories)], -1)
+        weights = torch.cat([weights, weights.new_ones(batch, seqlen, 1)], -1)
+    buckets = Buckets(selected, sequence_ids(batch, seqlen, None, x.device), m.num_slots, batch)
+    qb, kb, vb = buckets.gather(q), buckets.gather(k), buckets.gather(v * write)
+    if m.kind.normalize_qk:
+        qb, kb = l2norm(qb), l2norm(kb)
+    out, _ = m.kind.run(m, qb, kb, vb, x, buckets, buckets.sequence * m.num_slots + buckets.memory, None, False)
+    return buckets.combine(out, weights)
+
+
 def _linear_dims(m: Any) -> tuple[int, int, int]:
     """(heads, key width, value width) of DeltaNet, GLA and RetNet."""
     return m.num_heads, m.head_k_dim, m.head_v_dim
@@ -136,6 +162,7 @@ ADAPTERS: dict[str, tuple[Dims, Adapter]] = {
     "retnet": (_linear_dims, _retnet),
     "mamba2": (lambda m: (m.num_heads, m.ssm_state_size, m.head_dim), _mamba2),
     "hgrn2": (lambda m: (m.num_heads, m.head_f_dim, m.head_i_dim), _hgrn2),
+    "mom": (lambda m: (m.num_heads, m.head_k_dim, m.head_v_dim), _mom),
 }
 
 

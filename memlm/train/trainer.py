@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -139,9 +139,10 @@ def _validate(model: torch.nn.Module, val_rows: torch.Tensor, cfg: RunConfig, ac
 
 @dataclass
 class StepResult:
-    loss: float  # mean over processes and micro-batches
+    loss: float  # language-model loss, mean over processes and micro-batches
     grad_norm: float  # before clipping
     applied: bool  # False when the loss or the gradient norm was not finite: no update
+    aux: dict[str, float] = field(default_factory=dict)  # "aux_loss" (scaled, in the objective) and each kind
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: list[Batch],
@@ -150,6 +151,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     synchronised across processes on the last), clip, update unless the loss or the gradient norm
     is not finite, and advance the schedule by one step either way."""
     total_loss = torch.zeros((), device=accelerator.device)
+    aux_totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         if cfg.data.document_masking:
             ids, cu_seqlens, labels = batch.packed()
@@ -159,10 +161,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
         ids, labels = ids.to(accelerator.device), labels.to(accelerator.device)
         with accelerator.no_sync(model) if i < len(batches) - 1 else nullcontext():
             with accelerator.autocast():
-                loss = model(input_ids=ids, labels=labels, **extra).loss / len(batches)
-            accelerator.backward(loss)
+                out = model(input_ids=ids, labels=labels, **extra)
+            loss = out.loss / len(batches)
+            objective = loss if out.aux_loss is None else loss + out.aux_loss / len(batches)
+            accelerator.backward(objective)
         total_loss += loss.detach().float()
+        if out.aux_loss is not None:  # the mixers' auxiliary losses (memlm.layers.aux_loss), logged apart
+            for name, value in {"aux_loss": out.aux_loss, **(out.aux_losses or {})}.items():
+                aux_totals[name] = aux_totals.get(name, 0.0) + value.detach().float() / len(batches)
     loss_value = accelerator.reduce(total_loss.reshape(1), reduction="mean").item()
+    aux = {name: accelerator.reduce(value.reshape(1), reduction="mean").item() for name, value in aux_totals.items()}
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
@@ -170,7 +178,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return StepResult(loss_value, grad_norm, applied)
+    return StepResult(loss_value, grad_norm, applied, aux)
 
 
 def batch_checksum(batches: list[Batch]) -> int:
@@ -263,7 +271,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             now = time.time()
             tok_s = (state.tokens_seen - tick_tokens) / max(now - tick, 1e-9)
             tick, tick_tokens = now, state.tokens_seen
-            record = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+            record = {"loss": result.loss, **result.aux, "lr": lr, "grad_norm": result.grad_norm,
                       "tokens_per_s": tok_s, "tokens_seen": state.tokens_seen,
                       "skipped_steps": state.skipped_steps, "data_position": loader.position}
             if peak:

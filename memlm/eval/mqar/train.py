@@ -39,9 +39,13 @@ def setting_name(data: MQARData) -> str:
     return f"T{data.seq_len}-kv{data.num_kv_pairs}"
 
 
-def _logits(model: torch.nn.Module, inputs: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+def _forward(model: torch.nn.Module, inputs: torch.Tensor, autocast: torch.dtype | None) -> Any:
     with torch.autocast(inputs.device.type, dtype=autocast, enabled=autocast is not None):
-        return model(input_ids=inputs).logits.float()
+        return model(input_ids=inputs)
+
+
+def _logits(model: torch.nn.Module, inputs: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+    return _forward(model, inputs, autocast).logits.float()
 
 
 @torch.no_grad()
@@ -130,10 +134,12 @@ def train_mqar(
         for i, rows in _batch_plan(train_sets, batch_size, gen):
             x = train_sets[i].inputs[rows].to(device)
             y = train_sets[i].targets[rows].to(device)
-            logits = _logits(model, x, autocast)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+            out = _forward(model, x, autocast)
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # the mixers' auxiliary losses (MoM's load balance) join the objective, not the logged loss
+            aux = getattr(out, "aux_loss", None)
+            (loss if aux is None else loss + aux).backward()
             opt.step()
             sched.step()
             step += 1
