@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,9 @@ def test_fla_equivalence(case: str, fla_device: str, tmp_path: Path) -> None:
         for _ in range(4):
             next_token = reference(expected_tokens).logits[:, -1].argmax(-1, keepdim=True)
             expected_tokens = torch.cat([expected_tokens, next_token], dim=1)
+    # No stopping at EOS: the reference decodes through it (fla's eos_token_id is 2, in the vocabulary).
     generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
-                               pad_token_id=reference.config.eos_token_id)
+                               eos_token_id=None, pad_token_id=reference.config.eos_token_id)
     assert torch.equal(generated, expected_tokens)
 
 
@@ -189,6 +191,9 @@ def test_mismatches_are_listed_together(tmp_path: Path) -> None:
         (_gdn_config(attnres_block_size=2), "attnres_block_size=2"),
         (_gdn_config(attn={"layers": [4], "num_heads": 2}), "attn layer index 4"),
         (_gdn_config(attn={"layers": [1]}), "'layers' and 'num_heads'"),
+        (_gdn_config(norm_first=True), "norm_first=True"),
+        ({**_gdn_config(), "model_type": "mom", "mom_backend": "gla"}, "mom_backend='gla'"),
+        ({**_gdn_config(), "model_type": "mom_gated_deltanet", "norm_first": True}, "norm_first=True"),
     ],
 )
 def test_unsupported_configs_are_refused(config: dict, message: str, tmp_path: Path) -> None:
@@ -296,6 +301,84 @@ def test_registered_format_is_the_extension_point(tmp_path: Path) -> None:
         assert torch.equal(model.model.layers[3].mlp.up_proj.weight, up)
     finally:
         del FORMATS["toy_fused_mlp"]
+
+
+# ---- Mixture-of-Memories configs and the linear-moe-hub layouts (docs/design.md §4.3) -------------
+
+def test_mom_config_mapping() -> None:
+    """fla's ``mom``: any ``capacity`` is memlm's no-drop 1.0 (fla ignores it), hybrid ``attn`` layers map
+    as in the other families; ``mom_gated_deltanet`` takes the MoM repo's defaults and ``use_gate``."""
+    _, _, config = convert_config({**_gdn_config(), "model_type": "mom", "capacity": 0.5, "use_output_gate": False,
+                                   "attn": {"layers": [1], "num_heads": 4}})
+    mom, attention = config.layer_specs()[:2]
+    assert attention["name"] == "attention" and mom["name"] == "mom"
+    assert mom["capacity"] == 1.0 and mom["base"] == "gated_deltanet" and mom["use_output_gate"] is False
+    assert (mom["num_memories"], mom["topk"], mom["shared_mem"], mom["aux_loss_scale"]) == (4, 2, True, 0.01)
+    _, _, config = convert_config({"model_type": "mom_gated_deltanet", "vocab_size": VOCAB, "hidden_size": 32,
+                                   "num_hidden_layers": 1, "head_dim": 8, "use_gate": False})
+    (mom,) = config.layer_specs()
+    assert (mom["num_memories"], mom["shared_mem"], mom["num_heads"], mom["expand_v"]) == (8, False, 6, 2.0)
+    assert mom["use_output_gate"] is False
+
+
+HUB_COMMON = {"attn_mode": "chunk", "bos_token_id": 1, "eos_token_id": 2, "fuse_cross_entropy": True,
+              "hidden_act": "swish", "hidden_ratio": 4, "hidden_size": 32, "initializer_range": 0.02,
+              "intermediate_size": None, "norm_eps": 1e-6, "norm_first": False, "num_hidden_layers": 2,
+              "tie_word_embeddings": True, "use_cache": True, "vocab_size": VOCAB, "use_short_conv": True,
+              "conv_size": 4, "torch_dtype": "float32", "architectures": ["XForCausalLM"]}
+HUB_MOM = {"model_type": "mom_gated_deltanet", "num_heads": 2, "head_dim": 16, "expand_v": 1, "use_gate": True,
+           "num_memories": 4, "topk": 2, "capacity": 1.0, "use_layer_wise_balance": True, "aux_loss_scale": 0.01,
+           "shared_mem": True, "single_kv_proj": False}
+HUB_GDN = {"model_type": "gated_deltanet", "num_heads": 2, "head_dim": 16, "expand_v": 2, "use_gate": True}
+
+
+def _hub_source(hub: dict) -> MemLMForCausalLM:
+    """The memlm model a linear-moe-hub config describes (``use_gate`` is memlm's MoM ``use_output_gate``;
+    MLP width ``2/3 · hidden_ratio · d`` rounded up to 256)."""
+    keys = ("num_heads", "head_dim", "expand_v", "use_short_conv", "conv_size")
+    if hub["model_type"] == "gated_deltanet":
+        spec = {"name": "gated_deltanet", "use_gate": hub["use_gate"], **{k: hub[k] for k in keys}}
+    else:
+        spec = {"name": "mom", "use_output_gate": hub["use_gate"], **{k: hub[k] for k in keys},
+                **{k: hub[k] for k in ("num_memories", "topk", "shared_mem", "single_kv_proj", "aux_loss_scale")}}
+    torch.manual_seed(0)
+    config = memlm.MemLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=2,
+                               intermediate_size=256, norm_eps=1e-6, tie_word_embeddings=True, mixer=spec)
+    return MemLMForCausalLM(config).eval()
+
+
+def _hub_tensors(model: MemLMForCausalLM) -> dict[str, torch.Tensor]:
+    """``model``'s tensors in the linear-moe-hub layout: one fused ``mlp.gate_proj`` [gate; up], an unused
+    ``attn.D`` per layer, no ``lm_head`` (tied)."""
+    tensors = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for i in range(model.config.num_hidden_layers):
+        mlp = f"model.layers.{i}.mlp."
+        tensors[mlp + "gate_proj.weight"] = torch.cat([tensors[mlp + "gate_proj.weight"],
+                                                      tensors.pop(mlp + "up_proj.weight")])
+        tensors[f"model.layers.{i}.attn.D"] = torch.ones(2)
+    return tensors
+
+
+@pytest.mark.parametrize("hub", [HUB_MOM, HUB_GDN], ids=["mom_gated_deltanet", "gated_deltanet-baseline"])
+def test_linear_moe_hub_layout(hub: dict, tmp_path: Path) -> None:
+    """A linear-moe-hub checkpoint (MoM, or its pre-0.2 fla Gated DeltaNet baseline) reproduces the model it
+    was written from exactly; its ``attn.D`` tensors are dropped with one warning and no key is ignored."""
+    config = {**HUB_COMMON, **hub}
+    source = _hub_source(config)
+    tensors = _hub_tensors(source)
+    _write(tmp_path, config, tensors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = memlm.from_pretrained(tmp_path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert [m for m in messages if "legacy" in m or "ignored keys" in m] == [
+        "dropped 2 legacy tensor(s) that no computation uses: model.layers.0.attn.D, model.layers.1.attn.D"]
+    assert [s["name"] for s in model.config.layer_specs()] == [source.config.layer_specs()[0]["name"]] * 2
+    up = model.model.layers[1].mlp.up_proj.weight
+    assert torch.equal(up, tensors["model.layers.1.mlp.gate_proj.weight"][256:])
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, source(ids).logits)
 
 
 def test_memlm_checkpoints_load_as_saved(tmp_path: Path) -> None:

@@ -6,9 +6,17 @@ forward on CPU needs ``TRITON_INTERPRET=1`` (``memlm.testing.triton_interpreter`
 fla's attention layer calls the ``flash_attn`` package, which has no CPU build: on CPU
 ``sdpa_flash_attn`` stands in for ``flash_attn_func`` (same masking: causal aligned bottom-right,
 window ``(w−1, 0)``).
+
+fla's MoM groups token copies by (sequence, memory) with an unstable ``argsort``: on CPU a memory's
+tokens may leave time order (docs/design.md §4.3). ``fla_model`` runs fla's routing sort stable
+(``stable_mom_routing``), which is fla's intended order and memlm's; nothing else in fla changes.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +26,7 @@ VOCAB = 64
 FLA_COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "hidden_ratio": 2,
               "fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": False}
 GDN = {"model_type": "gated_deltanet", "num_heads": 2, "head_dim": 16, "expand_v": 1.0}
+MOM = {"model_type": "mom", "num_heads": 2, "head_dim": 16, "num_memories": 4, "topk": 2, "shared_mem": True}
 CASES: dict[str, dict] = {
     "gated_deltanet": GDN,
     "gated_deltanet-gva": {**GDN, "num_v_heads": 4, "expand_v": 0.5, "allow_neg_eigval": True,
@@ -39,6 +48,9 @@ CASES: dict[str, dict] = {
     "hybrid-hgrn2-list": {"model_type": "hgrn2", "expand_ratio": 16, "num_hidden_layers": 3,
                           "attn": [{"layers": [0], "num_heads": 2},
                                    {"layers": [2], "num_heads": 4, "qkv_bias": True, "rope_theta": 500.0}]},
+    "mom": MOM,
+    "mom-noshared-expand_v2-top1": {**MOM, "shared_mem": False, "expand_v": 2.0, "topk": 1},
+    "mom-single_kv": {**MOM, "single_kv_proj": True, "use_output_gate": False},
 }
 
 
@@ -55,6 +67,32 @@ def sdpa_flash_attn(q, k, v, causal=True, window_size=(-1, -1), **_):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask).transpose(1, 2)
 
 
+def _stable_argsort(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with every ``Tensor.argsort`` it calls made stable (ties keep their index order)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        unstable = torch.Tensor.argsort
+        torch.Tensor.argsort = lambda t, dim=-1, descending=False, **_: unstable(t, dim=dim, descending=descending,
+                                                                                   stable=True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.argsort = unstable
+
+    wrapper.stable_argsort = True
+    return wrapper
+
+
+def stable_mom_routing() -> None:
+    """Make fla's MoM routing sort (``fla.layers.mom.transform``) stable, so that each memory sees its
+    tokens in time order as fla intends (docs/design.md §4.3); idempotent."""
+    import fla.layers.mom
+
+    if not getattr(fla.layers.mom.transform, "stable_argsort", False):
+        fla.layers.mom.transform = _stable_argsort(fla.layers.mom.transform)
+
+
 def fla_model(case: str, device: str = "cpu") -> torch.nn.Module:
     """fla's own model of ``case``, with every weight drawn so that no path is trivially zero."""
     import fla.layers.attn
@@ -62,6 +100,7 @@ def fla_model(case: str, device: str = "cpu") -> torch.nn.Module:
 
     if fla.layers.attn.flash_attn_func is None or device == "cpu":
         fla.layers.attn.flash_attn_func = sdpa_flash_attn
+    stable_mom_routing()
     kwargs = dict(CASES[case])
     model_type = kwargs.pop("model_type")
     common = {} if model_type == "mamba2" else FLA_COMMON

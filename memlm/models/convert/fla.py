@@ -14,7 +14,10 @@ most tensors load as they are. What differs, per family:
   (memlm's ``attn.g_norm_swish_gate``, fla's fused name);
 - Mamba2: ``backbone.*`` names and no MLP (a zero MLP of width 1 keeps memlm's block exact);
 - legacy tensors: Gated DeltaNet releases before fla 0.2 carry an unused ``attn.D`` (fla #226,
-  the m-a-p models among them), dropped with a warning.
+  the m-a-p models among them), dropped with a warning;
+- fla's MLP before 0.2 (fla ``bcd9e79``, Dec 2024: the linear-moe-hub ``Gated-Deltanet-*``
+  baselines, ``model_type`` ``gated_deltanet``) stores one fused ``mlp.gate_proj`` ``[2·inter, d]``,
+  split by :func:`split_fused_mlp`; those configs also carry ``norm_first`` (only False is read).
 The m-a-p models are this format in float32 with an untied LM head; nothing else differs.
 Defaults below are those of fla 0.6's config classes (``fla/models/*/configuration_*.py``).
 """
@@ -29,6 +32,8 @@ from typing import Any
 import torch
 
 from memlm.models.convert.registry import Format, Tensors, keep_tensors, register_format
+
+LEGACY_D = r"^model\.layers\.\d+\.attn\.D$"  # Gated DeltaNet / MoM before fla 0.2: stored, never read
 
 FLA_COMMON: dict[str, Any] = {
     "vocab_size": 32000, "hidden_size": 2048, "num_hidden_layers": 24, "hidden_ratio": 4,
@@ -97,6 +102,21 @@ def attention_layers(config: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
     return layers
 
 
+def split_fused_mlp(config: Mapping[str, Any], tensors: Tensors, specs: list[dict[str, Any]]) -> Tensors:
+    """A fused ``mlp.gate_proj`` ``[2·inter, d]`` (fla before 0.2, the MoM repo; docs/design.md §4.3) →
+    memlm's ``gate_proj`` / ``up_proj``: the gate half comes first (``gate, up = gate_proj(x).chunk(2, -1)``).
+
+    A layer whose ``up_proj`` is present, or whose ``gate_proj`` is not ``2·inter`` rows, is left as it is
+    (the loader then reports what does not fit).
+    """
+    rows = 2 * fla_intermediate_size(config)
+    for i in range(len(specs)):
+        gate, up = f"model.layers.{i}.mlp.gate_proj.weight", f"model.layers.{i}.mlp.up_proj.weight"
+        if gate in tensors and up not in tensors and tensors[gate].shape[0] == rows:
+            tensors[gate], tensors[up] = tensors[gate].chunk(2, dim=0)
+    return tensors
+
+
 def _spec(name: str, config: Mapping[str, Any], keys: tuple[str, ...], **extra: Any) -> dict[str, Any]:
     """A mixer spec copying ``keys`` from the config (same names in fla and memlm) plus ``extra``."""
     return {"name": name, **{k: config[k] for k in keys}, "norm_eps": config["norm_eps"], **extra}
@@ -114,6 +134,7 @@ def _linear_layers(specs: list[dict[str, Any]], names: tuple[str, ...]) -> list[
 
 def _gated_deltanet(config: Mapping[str, Any], i: int) -> dict[str, Any]:
     require(config, "output_gate_activation", ("swish", "silu", "sigmoid"))
+    require(config, "norm_first", (False, None))  # pre-0.2 configs: True moves the norms into attn/mlp
     return _spec("gated_deltanet", config, ("num_heads", "head_dim", "expand_v", "num_v_heads", "use_gate",
                                             "use_short_conv", "conv_size", "allow_neg_eigval",
                                             "output_gate_activation"))
@@ -235,8 +256,9 @@ def _register(model_type: str, defaults: dict[str, Any], layer_spec: Any, tensor
 
 _register("gated_deltanet", {**FLA_COMMON, "num_hidden_layers": 21, "head_dim": 256, "num_heads": 6,
                              "num_v_heads": None, "expand_v": 2.0, "use_gate": True, "use_short_conv": True,
-                             "allow_neg_eigval": False, "conv_size": 4, "output_gate_activation": "swish"},
-          _gated_deltanet, legacy=(r"^model\.layers\.\d+\.attn\.D$",))
+                             "allow_neg_eigval": False, "conv_size": 4, "output_gate_activation": "swish",
+                             "norm_first": False},
+          _gated_deltanet, tensors=split_fused_mlp, legacy=(LEGACY_D,))
 _register("delta_net", {**FLA_COMMON, "num_heads": 16, "expand_k": 1.0, "expand_v": 1.0, "use_gate": False,
                         "use_short_conv": True, "allow_neg_eigval": False, "conv_size": 4, "use_beta": True,
                         "use_output_norm": True, "qk_norm": "l2", "qk_activation": "silu"}, _delta_net)

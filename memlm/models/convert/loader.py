@@ -95,8 +95,9 @@ def from_pretrained(
     """Load a checkpoint directory or Hub id as a ``MemLMForCausalLM`` that runs on any device.
 
     ``model_type`` "memlm" loads as saved; a registered foreign format (fla's ``gla``,
-    ``delta_net``, ``gated_deltanet``, ``hgrn``, ``hgrn2``, ``retnet``, ``mamba2``,
-    ``transformer``, with or without a hybrid ``attn``) is converted on load.
+    ``delta_net``, ``gated_deltanet``, ``hgrn``, ``hgrn2``, ``retnet``, ``mamba2``, ``mom``,
+    ``transformer``, with or without a hybrid ``attn``; linear-moe-hub's ``mom_gated_deltanet``) is
+    converted on load.
     ``dtype``: None (float32), ``"auto"`` (as stored) or a dtype / its name.
     """
     root = resolve(path_or_id, revision)

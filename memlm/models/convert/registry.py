@@ -2,7 +2,7 @@
 
 A :class:`Format` says how one family becomes a ``MemLMForCausalLM``: the family's config
 defaults, the mixer spec of each non-attention layer, model-level config values, and a
-state-dict transform (renames, tensors that move between modules). A new layout — e.g. the
+state-dict transform (renames, tensors that move between modules). A new layout — as ``mom.py``'s
 linear-moe-hub MoM checkpoints (``mom_gated_deltanet``, a fused ``mlp.gate_proj`` to split) —
 joins with one :func:`register_format` call and needs nothing else here.
 """
