@@ -8,6 +8,7 @@ from memlm.layers import (  # noqa: F401  (each module registers its mixers)
     hgrn,
     hgrn2,
     mamba2,
+    memory_caching,
     miras,
     mom,
     neural_memory,

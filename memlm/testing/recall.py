@@ -56,6 +56,7 @@ HIDDEN, HEADS = 64, 2  # the probe's model: hidden 64, 2 heads (head dim 32 unle
 EXCLUDED: tuple[tuple[str, str], ...] = (
     ("attention", "softmax attention keeps every token: exact recall by construction, not a memory write"),
     ("hgrn", "element-wise recurrence h_t = f⊙h + (1−f)⊙i: no keys or queries, nothing to address"),
+    ("memory_caching", "wraps a registered memory (its `base` spec) and adds reads of its cached segment states"),
     ("titans_mac", "wraps a registered memory (its `memory` spec) with attention over its reads"),
     ("titans_mag", "wraps a registered memory (its `memory` spec) gated with sliding-window attention"),
     ("titans_mal", "wraps a registered memory (its `memory` spec) stacked before attention"),

@@ -1,0 +1,297 @@
+"""Memory Caching (Behrouz et al. 2026, arXiv 2602.24281; docs/design.md §4.4) over a matrix memory mixer.
+
+The sequence is cut into segments of ``segment_size`` tokens; inside a segment the ``base`` mixer's memory
+runs as usual, and at each segment end its state ``S^{(i)}`` is cached. A token ``t`` of segment ``s`` reads
+its online memory and the caches of the segments before its own:
+
+    residual:   o_t = q_t S_t + Σ_{i<s} q_t S^{(i)}
+    grm:        o_t = γ_t^{on} q_t S_t + Σ_{i<s} γ_t^{(i)} q_t S^{(i)},   γ_t = softmax(⟨u_t, p_on⟩, ⟨u_t, p_i⟩_{i<s})
+    soup:       one memory γ_t^{on} S_t + Σ γ_t^{(i)} S^{(i)} read once: for a matrix memory the same as grm
+    ssc:        grm over the online memory and only the ``top_k`` caches with the largest ⟨u_t, p_i⟩
+
+(reads scaled as the base reads). The rest of the base mixer (projections, convolutions, gates, output
+norm and projection) is unchanged: the wrapper replaces only the base's memory op (``MixerCall``).
+
+Choices the paper leaves open (docs/design.md §4.4): ``p_i`` is the mean (``pool: mean``; or the sum) of
+segment i's keys as the base's memory receives them, per head; the online segment's ``p_on`` pools its
+positions ≤ t only (so no future token changes γ); ``u_t = x_t W_u`` per head with a key's width
+(``gate_input: x``, the paper's) or ``u_t = q_t`` (``gate_input: query``, no new parameter); γ is a softmax
+over the online memory and the visible caches. ``segment_init: checkpoint`` starts each segment from the
+previous segment's end state (so the online read is the base's own), ``independent`` from the initial state.
+
+Training computes every segment's state from one call of the base's kernel: the segments run as packed
+documents with values ``[v | 0]`` and initial state ``[0 | I]``, so each segment returns its own contribution
+``ΔS`` and its transition ``T`` (every linear memory is ``S_t = A_t S_{t−1} + B_t(v_t)`` with ``A_t`` free of
+the values), and ``S_end = T · S_start + ΔS`` chains the segments; the online read is
+``q_t ΔS_{≤t} + (q_t T_{≤t}) S_start``. The caches are then read for all tokens at once
+(``memlm.kernels.cached_readout``). Decoding keeps the caches and their summaries in the state, one more per
+segment: ``state_size(seq_len)`` grows with ``seq_len / segment_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.kernels import cached_readout, linear_memory
+from memlm.kernels.cached_readout import select_top_k
+from memlm.layers.gated_deltanet import GatedDeltaNet
+from memlm.layers.linear_common import LinearMixer, MixerCall, check_choice, heads
+from memlm.layers.mamba2 import Mamba2
+from memlm.layers.mixer import Mixer
+from memlm.layers.registry import build_mixer, parse_spec, register_mixer
+from memlm.layers.segments import Segments, cut
+
+BASES = ("gated_deltanet", "delta_net", "gla", "retnet", "mamba2")
+
+
+def _accumulate(t: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs (the dtype the kernels return states in)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def key_shape(base: nn.Module) -> tuple[int, int]:
+    """(heads, key width) of the memory the base mixer's kernel call receives."""
+    if isinstance(base, Mamba2):
+        return base.num_heads, base.ssm_state_size
+    if isinstance(base, GatedDeltaNet):
+        return base.num_v_heads, base.head_k_dim
+    return base.num_heads, base.head_k_dim
+
+
+class CachingCall(MixerCall):
+    """The base mixer's call with its memory op replaced by the cached one (``MemoryCaching.read``)."""
+
+    def __init__(self, owner: MemoryCaching, x: torch.Tensor, state: dict | None, use_cache: bool,
+                 cu_seqlens: torch.Tensor | None) -> None:
+        super().__init__(None if state is None else state["base"], use_cache, cu_seqlens)
+        self.owner, self.x, self.incoming = owner, x, state
+        self.cache_state: dict[str, Any] = {}
+
+    def linear_memory(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **decay: Any
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.owner.read(q, k, v, decay, self)
+
+
+@register_mixer("memory_caching")
+class MemoryCaching(Mixer):
+    @dataclass
+    class Options:
+        base: str | dict = "gated_deltanet"  # the memory mixer wrapped: gated_deltanet, delta_net, gla, retnet, mamba2
+        aggregation: str = "grm"  # residual | grm | soup | ssc
+        segments: str = "constant"  # fixed-size segments
+        segment_size: int = 256
+        segment_init: str = "checkpoint"  # checkpoint (from the previous segment's end) | independent
+        top_k: int = 2  # ssc: caches read per token
+        gate_input: str = "x"  # u_t = x_t W_u ("x") or u_t = q_t ("query")
+        pool: str = "mean"  # p_i: mean or sum of segment i's keys
+
+        def validate(self) -> None:
+            check_choice("aggregation", self.aggregation, ("residual", "grm", "soup", "ssc"))
+            if self.segments != "constant":
+                raise ValueError(f"segments must be 'constant' (the logarithmic split is not implemented yet), "
+                                 f"got {self.segments!r}")
+            check_choice("segment_init", self.segment_init, ("checkpoint", "independent"))
+            check_choice("gate_input", self.gate_input, ("x", "query"))
+            check_choice("pool", self.pool, ("mean", "sum"))
+            for name in ("segment_size", "top_k"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            cls, _ = parse_spec(self.base, where="memory_caching.base")
+            if cls.mixer_name not in BASES:
+                raise ValueError(f"memory_caching.base must be one of {list(BASES)} (the deep memory is not "
+                                 f"wrapped yet), got {cls.mixer_name!r}")
+
+    def __init__(self, hidden_size: int, config: Any, opts: Options) -> None:
+        super().__init__()
+        self.opts = opts
+        self.base: LinearMixer = build_mixer(opts.base, hidden_size, config, where="memory_caching.base")
+        self.num_heads, self.key_dim = key_shape(self.base)
+        gated = opts.aggregation != "residual" and opts.gate_input == "x"
+        self.u_proj = nn.Linear(hidden_size, self.num_heads * self.key_dim, bias=False) if gated else None
+
+    def state_size(self, seq_len: int) -> int:
+        """The base's state, one cached state and summary per closed segment, and the running summary."""
+        caches = seq_len // self.opts.segment_size
+        return (self.base.state_size(seq_len) + caches * (self.base.memory_numel + self.num_heads * self.key_dim)
+                + self.num_heads * self.key_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: dict[str, Any] | None = None,
+        use_cache: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        if cu_seqlens is not None and (state is not None or use_cache):
+            raise ValueError("memory_caching: cu_seqlens (packed documents) cannot be combined with a decoding cache")
+        call = CachingCall(self, x, state, use_cache, cu_seqlens)
+        y, memory = self.base.mix(x, call)
+        if not use_cache:
+            return y, None
+        return y, {"base": (memory, call.new_conv_states, call.seen + x.shape[1]), **call.cache_state}
+
+    # --- the cached memory ------------------------------------------------------------------------------
+    def read(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: dict[str, Any], call: CachingCall
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base's memory op over ``[B, T, H, ·]`` with the caches read: ``(o, online state after x)``."""
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        scale = decay.pop("scale", None) or K ** -0.5
+        incoming = call.incoming
+        phase = 0 if incoming is None else int(incoming["count"])
+        lengths = [T] * B if call.cu_seqlens is None else (call.cu_seqlens[1:] - call.cu_seqlens[:-1]).tolist()
+        segs = cut(lengths, self.opts.segment_size, phase, q.device)
+        flat = {n: t.reshape(1, B * T, *t.shape[2:]) for n, t in {"q": q, "k": k, "v": v, **decay}.items()}
+        o_loc, q_T, delta, transition = self._segments(flat, segs, call.memory, scale)
+        starts, ends = self._chain(segs, delta, transition, call.memory)
+        online = o_loc.clone()
+        for i, start in enumerate(starts):  # the read of the state each segment started from
+            if start is not None:
+                lo, hi = segs.cu_seqlens[i], segs.cu_seqlens[i + 1]
+                online[0, lo:hi] += torch.einsum("thk,hkv->thv", q_T[0, lo:hi].to(start.dtype), start).to(online.dtype)
+        sums, running = self._pools(flat["k"], segs, incoming)
+        caches, pools = self._caches(segs, ends, sums, incoming, B)
+        o = self._aggregate(flat["q"], online, caches, pools, running, segs, incoming, call, scale)
+        if call.use_cache:
+            call.cache_state = self._next_state(segs, ends, sums, caches, pools, incoming, phase + T, B)
+            memory = self._online_after(segs, ends, B)
+        else:
+            memory = None
+        return o.view(B, T, H, V), memory
+
+    def _segments(self, flat: dict[str, torch.Tensor], segs: Segments, memory_in: torch.Tensor | None,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """One call of the base kernel over the segments as packed documents: the local reads ``q ΔS_{≤t}``, the
+        reads of the transitions ``q T_{≤t}``, each segment's own state ``ΔS`` and transition ``T`` (the latter
+        two only when some segment starts from a nonzero state)."""
+        q, k, v = flat["q"], flat["k"], flat["v"]
+        decay = {n: t for n, t in flat.items() if n not in ("q", "k", "v")}
+        n_seg, (H, K), V = segs.sequence.numel(), q.shape[2:], v.shape[-1]
+        chained = self.opts.segment_init == "checkpoint" and n_seg > len(segs.closed)
+        if memory_in is None and not chained:  # every segment starts from zeros: the base's own call
+            o, final = linear_memory(q, k, v, **decay, scale=scale, output_final_state=True,
+                                     cu_seqlens=segs.cu_seqlens)
+            return o, None, final, None
+        eye = torch.eye(K, device=q.device, dtype=_accumulate(q)).expand(n_seg, H, K, K)
+        initial = torch.cat([eye.new_zeros(n_seg, H, K, V), eye], dim=-1)
+        v_aug = torch.cat([v, v.new_zeros(*v.shape[:-1], K)], dim=-1)
+        o, final = linear_memory(q, k, v_aug, **decay, scale=scale, initial_state=initial, output_final_state=True,
+                                 cu_seqlens=segs.cu_seqlens)
+        return o[..., :V], o[..., V:], final[..., :V], final[..., V:]
+
+    def _chain(self, segs: Segments, delta: torch.Tensor, transition: torch.Tensor | None,
+               memory_in: torch.Tensor | None) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+        """Each segment's start and end state: ``S_end = T S_start + ΔS``; a segment starts from the incoming
+        state (its sequence's first), the previous end (``checkpoint``) or zeros (``independent``)."""
+        starts: list[torch.Tensor | None] = []
+        ends: list[torch.Tensor] = []
+        first, sequence = segs.first.tolist(), segs.sequence.tolist()
+        for i in range(len(first)):
+            if first[i]:
+                start = None if memory_in is None else memory_in[sequence[i]].to(delta.dtype)
+            else:
+                start = ends[-1] if self.opts.segment_init == "checkpoint" else None
+            ends.append(delta[i] if start is None else transition[i] @ start + delta[i])
+            starts.append(start)
+        return starts, ends
+
+    def _pools(self, k: torch.Tensor, segs: Segments, incoming: dict | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per segment the sum of its keys ``[S, H, K]`` (a first segment adds the incoming running sum), and per
+        token the online summary ``p_on`` ``[1, N, H, K]`` over its segment's positions ≤ t."""
+        k = k[0].to(_accumulate(k))
+        seg = segs.token_segment
+        sums = k.new_zeros(segs.sequence.numel(), *k.shape[1:]).index_add_(0, seg, k)
+        base = k.new_zeros(sums.shape)
+        counts = torch.zeros(segs.sequence.numel(), device=k.device, dtype=k.dtype)
+        if incoming is not None:
+            first = segs.first.nonzero().squeeze(-1)
+            base[first] = incoming["pool_sum"][segs.sequence[first]].to(k.dtype)
+            counts[first] = float(incoming["count"])
+        sums = sums + base
+        position = torch.arange(k.shape[0], device=k.device) - segs.cu_seqlens[:-1][seg]
+        # a cumulative sum inside each segment only (one over all tokens minus the segment start's value would
+        # let later segments' keys move earlier summaries in the last bit)
+        dense = k.new_zeros(sums.shape[0], self.opts.segment_size, *k.shape[1:])
+        dense[seg, position] = k
+        running = dense.cumsum(1)[seg, position] + base[seg]
+        if self.opts.pool == "mean":
+            running = running / (position + 1 + counts[seg])[:, None, None]
+        return sums, running[None]
+
+    def _caches(self, segs: Segments, ends: list[torch.Tensor], sums: torch.Tensor, incoming: dict | None,
+                batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per sequence, its caches ``[n, H, K, V]`` and their summaries ``[n, H, K]``: the incoming ones, then the
+        segments this call closes."""
+        size = float(self.opts.segment_size) if self.opts.pool == "mean" else 1.0
+        caches, pools = [], []
+        full, sequence = segs.full.tolist(), segs.sequence.tolist()
+        for s in range(len(segs.closed)):
+            own = [i for i in range(len(full)) if full[i] and sequence[i] == s]
+            old_c = [] if incoming is None else list(incoming["caches"][s].unbind(0))
+            old_p = [] if incoming is None else list(incoming["pools"][s].unbind(0))
+            caches.append(torch.stack(old_c + [ends[i] for i in own]) if old_c or own else None)
+            pools.append(torch.stack(old_p + [sums[i] / size for i in own]) if old_p or own else None)
+        return caches, pools
+
+    def _aggregate(self, q: torch.Tensor, online: torch.Tensor, caches: list, pools: list, running: torch.Tensor,
+                   segs: Segments, incoming: dict | None, call: CachingCall, scale: float) -> torch.Tensor:
+        """``γ_on · online + Σ_i γ_i q S^{(i)}`` per token (γ by the aggregation), ``[1, N, H, V]``."""
+        n_old = 0 if incoming is None else incoming["caches"].shape[1]
+        visible = (n_old + segs.ordinal[segs.token_segment])[None]  # caches closed before each token's segment
+        counts = [0 if c is None else c.shape[0] for c in caches]
+        if max(counts) == 0:
+            return online
+        if self.opts.aggregation == "residual":
+            gamma_on, gamma = online.new_ones(online.shape[:3]), q.new_ones(*q.shape[:3], max(counts))
+        else:
+            gamma_on, gamma = self._gates(q, pools, running, segs, visible, call, max(counts))
+        states = torch.cat([c for c in caches if c is not None])[None].to(q.dtype)
+        offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=q.device)
+        read = cached_readout(q, states, gamma.to(q.dtype), visible, scale=scale, cu_seqlens=segs.seq_cu,
+                              cache_offsets=offsets)
+        return gamma_on[..., None].to(online.dtype) * online + read
+
+    def _gates(self, q: torch.Tensor, pools: list, running: torch.Tensor, segs: Segments, visible: torch.Tensor,
+               call: CachingCall, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ: a softmax of ``⟨u_t, p⟩`` over the online summary and the visible (for ssc: the ``top_k``
+        selected) caches' summaries. Returns ``(γ_on [1, N, H], γ [1, N, H, width])``."""
+        u = q if self.u_proj is None else heads(self.u_proj(call.x), self.key_dim).flatten(0, 1)[None]
+        u = u.to(running.dtype)
+        padded = torch.stack([F.pad(p, (0, 0, 0, 0, 0, width - p.shape[0])) if p is not None else
+                              u.new_zeros(width, *u.shape[2:]) for p in pools])  # [n_seq, width, H, K]
+        seq_of_token = segs.sequence[segs.token_segment]
+        score = torch.einsum("thk,tnhk->thn", u[0], padded[seq_of_token].to(u.dtype))[None]  # [1, N, H, width]
+        score_on = (u * running).sum(-1)  # [1, N, H]
+        keep = select_top_k(score, visible, self.opts.top_k if self.opts.aggregation == "ssc" else None)
+        score = score.masked_fill(~keep, -torch.inf)
+        gamma = torch.cat([score_on[..., None], score], dim=-1).softmax(-1)
+        return gamma[..., 0], gamma[..., 1:]
+
+    def _online_after(self, segs: Segments, ends: list[torch.Tensor], batch: int) -> torch.Tensor | None:
+        """The online state after the call, per row: the last segment's end, or zeros (None) where it closed a
+        segment and segments start independently."""
+        last = [max(i for i, s in enumerate(segs.sequence.tolist()) if s == b) for b in range(batch)]
+        if self.opts.segment_init == "independent" and all(segs.full[i] for i in last):
+            return None
+        out = torch.stack([ends[i] for i in last])
+        if self.opts.segment_init == "independent":
+            out = out * (~segs.full[last]).to(out.dtype)[:, None, None, None]
+        return out
+
+    def _next_state(self, segs: Segments, ends: list, sums: torch.Tensor, caches: list, pools: list,
+                    incoming: dict | None, seen: int, batch: int) -> dict[str, Any]:
+        """The caches, their summaries and the running segment's key sum, ``[B, n, ...]`` (rows share n)."""
+        last = [max(i for i, s in enumerate(segs.sequence.tolist()) if s == b) for b in range(batch)]
+        open_sum = torch.stack([sums[i] * (0.0 if segs.full[i] else 1.0) for i in last])
+        empty = (batch, 0, self.num_heads, self.key_dim)
+        return {
+            "caches": torch.stack(caches) if caches[0] is not None else sums.new_zeros(*empty, ends[0].shape[-1]),
+            "pools": torch.stack(pools) if pools[0] is not None else sums.new_zeros(*empty),
+            "pool_sum": open_sum, "count": seen % self.opts.segment_size,
+        }

@@ -1,0 +1,138 @@
+"""Memory Caching over matrix memories (``memlm/layers/memory_caching.py``): one segment is the base
+mixer, the residual read is the explicit sum of segment states, soup is grm and ssc with every cache is
+grm, the decoding state grows by one cache per segment, packed documents. The model contract (causality,
+decoding, generate across boundaries, save/load) runs on the ``mc-*`` cases of ``memlm.testing.models``;
+the readout kernel in tests/test_kernels/test_cached_readout.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memlm.kernels import linear_memory
+from memlm.layers.memory_caching import CachingCall
+from memlm.layers.registry import build_mixer
+from memlm.models import MemLMConfig, MemLMForCausalLM
+from memlm.testing.models import VOCAB, build
+
+
+class _Config:
+    num_heads = 2
+    norm_eps = 1e-6
+
+
+def _mixer(**spec: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = build_mixer({"name": "memory_caching", **spec}, 32, _Config())
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return m.eval()
+
+
+MAMBA2 = {"name": "mamba2", "head_dim": 8, "state_size": 8}
+
+
+@pytest.mark.parametrize("base", ["gated_deltanet", "gla", "retnet", MAMBA2])
+@pytest.mark.parametrize("aggregation", ["residual", "grm", "ssc"])
+def test_one_segment_is_the_base(base: object, aggregation: str) -> None:
+    m = _mixer(base=base, aggregation=aggregation, segment_size=32)
+    x = torch.randn(2, 19, 32)
+    assert torch.equal(m(x)[0], m.base(x)[0])
+
+
+@pytest.mark.parametrize("init", ["checkpoint", "independent"])
+def test_residual_read_is_the_explicit_sum_of_segment_states(init: str) -> None:
+    """``o_t = q_t S_t + Σ_{i<s} q_t S^{(i)}`` with ``S^{(i)}`` segment i's end state, computed here by running
+    the delta rule on each prefix (checkpoint) or each segment alone (independent)."""
+    size, T = 4, 14
+    m = _mixer(base="delta_net", aggregation="residual", segment_size=size, segment_init=init)
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.nn.functional.normalize(torch.randn(2, T, 2, 16, generator=gen, dtype=torch.float64), dim=-1)
+            for _ in range(2))
+    v = torch.randn(2, T, 2, 16, generator=gen, dtype=torch.float64)
+    beta = torch.rand(2, T, 2, generator=gen, dtype=torch.float64)
+    call = CachingCall(m, torch.zeros(2, T, 32), None, False, None)
+    got, _ = m.read(q, k, v, {"beta": beta}, call)
+    expected = torch.zeros_like(got)
+    for t in range(T):
+        s = t // size
+        lo = s * size if init == "independent" else 0
+        expected[:, t] = linear_memory(q[:, lo:t + 1], k[:, lo:t + 1], v[:, lo:t + 1], beta=beta[:, lo:t + 1],
+                                       backend="naive")[0][:, -1]
+        for i in range(s):
+            lo_i = i * size if init == "independent" else 0
+            _, state = linear_memory(q[:, lo_i:(i + 1) * size], k[:, lo_i:(i + 1) * size], v[:, lo_i:(i + 1) * size],
+                                     beta=beta[:, lo_i:(i + 1) * size], output_final_state=True, backend="naive")
+            expected[:, t] += torch.einsum("bhk,bhkv->bhv", q[:, t], state) * 16 ** -0.5
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_soup_is_grm_and_ssc_with_every_cache_is_grm_for_a_matrix_memory() -> None:
+    x = torch.randn(2, 23, 32)
+    grm = _mixer(aggregation="grm", segment_size=3)(x)[0]
+    assert torch.equal(_mixer(aggregation="soup", segment_size=3)(x)[0], grm)
+    assert torch.equal(_mixer(aggregation="ssc", segment_size=3, top_k=8)(x)[0], grm)
+    sparse = _mixer(aggregation="ssc", segment_size=3, top_k=1)(x)[0]
+    assert torch.equal(sparse[:, :6], grm[:, :6])  # at most one cache visible: the same read
+    assert not torch.allclose(sparse[:, 9:], grm[:, 9:])  # three or more: top-1 reads less
+
+
+def test_the_decoding_state_grows_by_one_cache_per_segment() -> None:
+    size = 4
+    m = _mixer(segment_size=size)
+    x = torch.randn(1, 13, 32)
+    state = None
+    for t in range(13):
+        _, state = m(x[:, t:t + 1], state, use_cache=True)
+        assert state["caches"].shape[1] == (t + 1) // size and state["count"] == (t + 1) % size
+    grown = m.state_size(64) - m.state_size(32)
+    assert grown == (64 // size - 32 // size) * (m.base.memory_numel + m.num_heads * m.key_dim)
+
+
+@pytest.mark.parametrize("case", ["mc-gdn-grm", "mc-mamba2-independent"])
+def test_packed_documents_equal_separate_runs(case: str) -> None:
+    model = build(case)
+    docs = [torch.randint(0, VOCAB, (1, n)) for n in (7, 13, 5)]
+    logits = model(torch.cat(docs, 1), cu_seqlens=torch.tensor([0, 7, 20, 25], dtype=torch.int32)).logits
+    separate = torch.cat([model(d).logits for d in docs], dim=1)
+    torch.testing.assert_close(logits, separate, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"aggregation": "mean"}, "aggregation must be one of"),
+    ({"segments": "log"}, "segments must be 'constant'"),
+    ({"segment_init": "random"}, "segment_init must be one of"),
+    ({"segment_size": 0}, "segment_size must be >= 1"),
+    ({"base": "titans_memory"}, "memory_caching.base must be one of"),
+    ({"base": "nope"}, "unknown mixer name 'nope'"),
+])
+def test_bad_options_are_named(spec: dict, message: str) -> None:
+    with pytest.raises(ValueError, match="layers\\[0\\]") as err:
+        MemLMForCausalLM(MemLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_heads=2,
+                                     mixer={"name": "memory_caching", **spec}))
+    assert message in str(err.value)
+
+
+def test_caches_keep_pairs_the_decayed_memory_forgot() -> None:
+    """The point of the paper: a memory decaying by 0.8 per token has forgotten 8 pairs 24 tokens later (chance
+    12.5%); read with its cache of the segment they were written in, they come back."""
+    size, pairs, T, K = 8, 8, 40, 16
+    m = _mixer(base="retnet", aggregation="residual", segment_size=size)
+    gen = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(64, T, 1, K, generator=gen), dim=-1)
+    v = torch.randn(64, T, 1, K, generator=gen)
+    q = torch.nn.functional.normalize(torch.randn(64, T, 1, K, generator=gen), dim=-1)
+    perm = torch.rand(64, pairs, generator=gen).argsort(-1)
+    q[:, 32:32 + pairs] = torch.gather(k[:, :pairs], 1, perm[:, :, None, None].expand(-1, -1, 1, K))
+    g = torch.full((64, T, 1), -0.223)  # log 0.8: 0.8^24 ≈ 0.005
+    call = CachingCall(m, torch.zeros(64, T, 32), None, False, None)
+    cached = m.read(q, k, v, {"g": g}, call)[0][:, 32:32 + pairs, 0]
+    plain = linear_memory(q, k, v, g=g)[0][:, 32:32 + pairs, 0]
+
+    def recall(o: torch.Tensor) -> float:
+        cos = torch.nn.functional.cosine_similarity(o[:, :, None], v[:, None, :pairs, 0], dim=-1)
+        return (cos.argmax(-1) == perm).float().mean().item()
+
+    assert recall(plain) < 0.25 and recall(cached) > 0.45, (recall(plain), recall(cached))  # 0.150 and 0.604
