@@ -32,10 +32,10 @@ from .objectives import BIASES, RETENTIONS
 from .pytorch.chunk import deep_memory_chunk
 from .pytorch.dual_form import implements
 from .spec import MemorySpec
-from .state import State
+from .state import BoundaryStates, State
 
 __all__ = [
-    "ACTIVATIONS", "BIASES", "PATHS", "RETENTIONS", "MemorySpec", "deep_memory", "deep_memory_chunk",
+    "ACTIVATIONS", "BIASES", "PATHS", "RETENTIONS", "BoundaryStates", "MemorySpec", "deep_memory", "deep_memory_chunk",
     "deep_memory_naive", "select_path",
 ]  # fmt: skip
 
@@ -44,8 +44,11 @@ TRITON_HOOKS = tuple(product(("l2", "lp", "huber", "dot", "l2_clip"), ("none", "
 PATHS = ("naive", "autograd", "hand_written", "cpu", "triton")
 
 
-def _triton_gap(spec: MemorySpec, channel_wise: Sequence[str]) -> str | None:
-    """What the Triton kernels lack to run ``spec`` with these gates, as a phrase for the error; None if nothing."""
+def _triton_gap(spec: MemorySpec, channel_wise: Sequence[str], boundary_states: bool = False) -> str | None:
+    """What the Triton kernels lack to run ``spec`` with these gates (and, with ``boundary_states``, to return
+    the states at segment ends), as a phrase for the error; None if nothing."""
+    if boundary_states:
+        return "does not return the states at segment ends (output_states_every)"
     if channel_wise:
         return f"takes per-head gates [B, T, H] only; got channel-wise {list(channel_wise)}"
     if (spec.bias, spec.retention) not in TRITON_HOOKS:
@@ -61,12 +64,15 @@ def _triton_gap(spec: MemorySpec, channel_wise: Sequence[str]) -> str | None:
     return None
 
 
-def select_path(backend: str, q: torch.Tensor, spec: MemorySpec, channel_wise: Sequence[str] = ()) -> str:
+def select_path(
+    backend: str, q: torch.Tensor, spec: MemorySpec, channel_wise: Sequence[str] = (), boundary_states: bool = False
+) -> str:
     """The implementation that runs the op, one of ``PATHS``: the only place the path is decided.
 
     Inputs: ``backend``, ``q`` (its device and dtype), ``spec`` (hooks, activation), ``channel_wise`` (the
-    names of the gates given channel-wise), ``TRITON_INTERPRET`` and ``MEMLM_CPU_KERNEL``. The first
-    matching row wins:
+    names of the gates given channel-wise), ``boundary_states`` (``output_states_every`` is set: only ``naive``
+    and ``autograd`` record the states at segment ends), ``TRITON_INTERPRET`` and ``MEMLM_CPU_KERNEL``. The
+    first matching row wins:
 
     ==================  ========================================================================  ================
     backend             inputs                                                                    path
@@ -74,10 +80,12 @@ def select_path(backend: str, q: torch.Tensor, spec: MemorySpec, channel_wise: S
     not one of          ``auto``, ``naive``, ``torch``, ``triton``                                ValueError
     ``naive``           any                                                                       ``naive``
     ``triton``          CPU tensors without ``TRITON_INTERPRET=1``, or bfloat16 under it           ValueError
-    ``triton``          what the kernels lack (:func:`_triton_gap`): channel-wise gates, (bias,    ValueError
-                        retention) not in ``TRITON_HOOKS``, the lag token, softmax without ``c``
+    ``triton``          what the kernels lack (:func:`_triton_gap`): the states at segment ends,  ValueError
+                        channel-wise gates, (bias, retention) not in ``TRITON_HOOKS``, the lag
+                        token, softmax without ``c``
     ``triton``          otherwise                                                                 ``triton``
     ``auto``            CUDA tensors and nothing the kernels lack                                 ``triton``
+    ``auto``/``torch``  the states at segment ends (``boundary_states``)                          ``autograd``
     ``auto``/``torch``  not the Titans memory: bias ≠ ``l2``, retention ≠ ``none``, φ without a    ``autograd``
                         hand-written φ'', or channel-wise gates (:func:`.dual_form.implements`)
     ``auto``/``torch``  CPU float32/float64 tensors, GELU, ``MEMLM_CPU_KERNEL`` unset or ``1``      ``cpu``
@@ -97,12 +105,12 @@ def select_path(backend: str, q: torch.Tensor, spec: MemorySpec, channel_wise: S
     if resolved == "naive":
         return "naive"
     if resolved == "triton":
-        gap = _triton_gap(spec, channel_wise)
+        gap = _triton_gap(spec, channel_wise, boundary_states)
         if gap is None:
             return "triton"
         if backend == "triton":
             raise ValueError(f"backend='triton' {gap} (backend='torch' or 'auto' runs it)")
-    if not implements(spec, bool(channel_wise)):
+    if boundary_states or not implements(spec, bool(channel_wise)):
         return "autograd"
     compiled = (
         q.device.type == "cpu"
@@ -128,9 +136,10 @@ def deep_memory(
     initial_momentum: Sequence[torch.Tensor] | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    output_states_every: int | None = None,
     backend: str = "auto",
     **spec_fields: object,
-) -> tuple[torch.Tensor, State | None]:
+) -> tuple[torch.Tensor, State | None] | tuple[torch.Tensor, State | None, BoundaryStates]:
     """Titans neural memory (arXiv 2501.00663): momentum, forgetting, retrieval on ``[B, T, H, D]``.
 
     The memory is ``spec`` (:class:`MemorySpec`; its fields may also be given as keywords, ``chunk_size=4,
@@ -154,6 +163,13 @@ def deep_memory(
     with ``final_state = (W_T list, S_T list)``, each ``[N, H, d_{l−1}, d_l]``, if
     ``output_final_state``.
 
+    ``output_states_every`` (Memory Caching, arXiv 2602.24281; docs/design.md §3): None, or ``e`` a positive
+    multiple of ``chunk_size``: returns ``(o, final_state, boundary_states)``, the states after tokens ``e, 2e,
+    …`` of each sequence (``j·e ≤`` its length), each exactly the ``final_state`` of the op run on that prefix,
+    differentiable like ``o``: a :class:`BoundaryStates` ``(A, S, counts)`` with ``A[l], S[l]: [N, n_max, H,
+    d_{l−1}, d_l]``, ``counts: [N]`` long (``⌊T_n / e⌋``), ``n_max = max counts`` and zero rows past a
+    sequence's count. Runs on ``naive`` or ``autograd`` (``backend='triton'`` raises; ``auto`` falls back).
+
     Miras hooks (``objectives``; the exact chunked semantics are in ``deep_memory_naive``):
     ``bias`` ∈ ``BIASES`` — ``"l2"`` ‖e‖², ``"lp"`` (Moneta; ``bias_params`` ``p`` ≥ 1 default 3,
     ``nu`` > 0, ``eps`` > 0), ``"huber"`` (Yaad; needs ``delta`` δ ≥ 0: ``[B, T, H]`` switches on ‖e‖,
@@ -170,11 +186,13 @@ def deep_memory(
     """
     spec = MemorySpec(**spec_fields) if spec is None else replace(spec, **spec_fields)
     gates = {"lr": lr, "momentum": momentum, "forget": forget, "delta": delta}
-    validate(q, k, v, gates, weights, initial_momentum, cu_seqlens, spec)
-    path = select_path(backend, q, spec, channel_wise_gates(gates))
+    validate(q, k, v, gates, weights, initial_momentum, cu_seqlens, spec, output_states_every)
+    path = select_path(backend, q, spec, channel_wise_gates(gates), output_states_every is not None)
     args = (q, k, v, lr, momentum, forget, weights, spec)
     call = dict(delta=delta, initial_momentum=initial_momentum, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens)
+    if output_states_every is not None:  # only the paths that record them take the argument
+        call["output_states_every"] = output_states_every
     if path == "naive":
         return deep_memory_naive(*args, **call)
     if path == "triton":

@@ -100,6 +100,18 @@ def _check_state(
         _check_like(f"{name}[{layer}]", t, q)
 
 
+def check_states_every(every: object, chunk_size: int) -> None:
+    """``output_states_every`` is None or a positive multiple of ``chunk_size``: the chunked paths hold the
+    exact state at chunk ends only (docs/design.md §3)."""
+    if every is None:
+        return
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1 or every % chunk_size:
+        raise ValueError(
+            f"output_states_every must be None or a positive multiple of chunk_size={chunk_size} "
+            f"(the state is exact at chunk ends only), got {every!r}"
+        )
+
+
 def validate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,6 +121,7 @@ def validate(
     initial_momentum: Sequence[torch.Tensor] | None,
     cu_seqlens: torch.Tensor | None,
     spec: MemorySpec,
+    output_states_every: int | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the argument and its expected shape, range or values."""
     check_shape("q", q, [None] * 4, "[B, T, H, D]")
@@ -133,5 +146,6 @@ def validate(
     chunk_size = spec.chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_states_every(output_states_every, chunk_size)
     _check_choice("activation", spec.activation, list(ACTIVATIONS))
     _check_hooks(spec, gates["delta"], weights)

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from .._common import segments
+from .checks import check_states_every
 from .mlp import memory_apply, weight_linear
 from .objectives import dual_state, exchanged_state
 from .spec import MemorySpec
-from .state import State, channel_axis, gates_or_defaults, initial_state, layer_slices
+from .state import BoundaryStates, State, channel_axis, gates_or_defaults, initial_state, layer_slices
 
 
 def deep_memory_naive(
@@ -32,7 +33,8 @@ def deep_memory_naive(
     initial_momentum: Sequence[torch.Tensor] | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, State | None]:
+    output_states_every: int | None = None,
+) -> tuple[torch.Tensor, State | None] | tuple[torch.Tensor, State | None, BoundaryStates]:
     """Titans memory update (arXiv 2501.00663) with the Miras hooks (arXiv 2504.13173), one token at a time.
 
     The memory is ``spec``'s. The state is ``(A, S)`` and the memory computes with weights ``W = R(A)`` (``R``
@@ -59,8 +61,11 @@ def deep_memory_naive(
     ``lr, momentum, forget``: ``[B, T, H]`` (one gate per head) or ``[B, T, H, C]`` with ``C = Σ_l d_l``
     (channel-wise): channel ``c`` of layer ``l`` gates column ``c`` of ``W_l``, ``S_t[:, c] = η_t[c] S_{t−1}[:, c]
     − θ_t[c] u_t[:, c]``, ``A_t[:, c] = (1 − α_t[c]) A_{t−1}[:, c] + S_t[:, c]``; ``delta``: ``[B, T, H]`` or
-    ``[B, T, H, D]`` (see ``huber_bias``). Returns ``(o, (state_T, S_T))``.
+    ``[B, T, H, D]`` (see ``huber_bias``). Returns ``(o, (state_T, S_T))``; with ``output_states_every=e`` (a
+    positive multiple of ``chunk_size``) also the state after every ``e``-th token of each sequence,
+    ``(o, final, boundary)`` with ``boundary`` a :class:`.state.BoundaryStates` (docs/design.md §3).
     """
+    check_states_every(output_states_every, spec.chunk_size)
     theta, eta, alpha = gates_or_defaults(lr, momentum, forget)
     widths = [w.shape[-1] for w in weights]
     layer_gates = [layer_slices(channel_axis(g), widths) for g in (theta, eta, alpha)]  # [B, T, H, 1 | d_l]
@@ -75,12 +80,16 @@ def deep_memory_naive(
         out, _ = memory_apply(x, weight_linear(W), depth, spec)
         return out
 
-    outputs, finals_A, finals_S = [], [], []
-    for i, (start, end) in enumerate(segments(cu_seqlens, T)):
+    every = output_states_every
+    spans = segments(cu_seqlens, T)
+    counts = [0 if every is None else (end - start) // every for start, end in spans]
+    outputs, finals_A, finals_S, bounds_A, bounds_S = [], [], [], [], []
+    for i, (start, end) in enumerate(spans):
         rows = slice(None) if cu_seqlens is None else slice(i, i + 1)
         batch = slice(None) if cu_seqlens is None else slice(0, 1)
         A = [a[rows] for a in A_all]
         S = [s[rows] for s in S_all]
+        marks_A, marks_S = [], []  # the states after tokens e, 2e, … of this sequence
         for t in range(start, end):
             position = (t - start) % chunk_size
             if position == 0:  # the weights this chunk's gradients are taken at: R(A_c), or after the lag token
@@ -99,10 +108,30 @@ def deep_memory_naive(
             if position == 0 if lag else position == chunk_size - 1:  # the exact step
                 W = [mirror(a) for a in A]
             outputs.append(M(q_t, W).squeeze(-2))
+            if every is not None and (t - start + 1) % every == 0:
+                marks_A.append(exchanged_state(spec.retention, mirror, A))
+                marks_S.append(S)
         finals_A.append(exchanged_state(spec.retention, mirror, A))
         finals_S.append(S)
+        if every is not None:
+            bounds_A.append(_pad_marks(marks_A, A, max(counts)))
+            bounds_S.append(_pad_marks(marks_S, S, max(counts)))
 
     o = torch.stack(outputs, dim=1)
-    if not output_final_state:
-        return o, None
-    return o, ([torch.cat(a) for a in zip(*finals_A)], [torch.cat(s) for s in zip(*finals_S)])
+    final = ([torch.cat(a) for a in zip(*finals_A)], [torch.cat(s) for s in zip(*finals_S)])
+    final = final if output_final_state else None
+    if every is None:
+        return o, final
+    per_row = counts * B if cu_seqlens is None else counts  # one span of B rows, or one row per document
+    stacked = ([torch.cat(x) for x in zip(*bounds)] for bounds in (bounds_A, bounds_S))
+    return o, final, BoundaryStates(*stacked, torch.tensor(per_row, dtype=torch.long, device=q.device))
+
+
+def _pad_marks(marks: list[list[torch.Tensor]], like: list[torch.Tensor], n_max: int) -> list[torch.Tensor]:
+    """One sequence's recorded states (``marks[j][l]: [rows, H, d_{l−1}, d_l]``) stacked per layer into
+    ``[rows, n_max, H, d_{l−1}, d_l]``, zero rows after its own ``len(marks)``."""
+    out = []
+    for layer, ref in enumerate(like):
+        rows = [m[layer] for m in marks] + [torch.zeros_like(ref)] * (n_max - len(marks))
+        out.append(torch.stack(rows, dim=1) if rows else ref.new_zeros(ref.shape[0], 0, *ref.shape[1:]))
+    return out

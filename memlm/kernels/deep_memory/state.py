@@ -4,10 +4,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 State = tuple[list[torch.Tensor], list[torch.Tensor]]  # (W_l or A_l per layer, S_l per layer): [N, H, d_{l−1}, d_l]
+
+
+class BoundaryStates(NamedTuple):
+    """The states at segment ends (``output_states_every=e``, a multiple of ``chunk_size``; Memory Caching,
+    arXiv 2602.24281; docs/design.md §3): after tokens ``e, 2e, …`` of each sequence, each exactly the final
+    state of the op run on that prefix (the same exchanged representation: ``W`` for the retentions in
+    ``WEIGHT_STATE``, else ``A``). ``A[l]``, ``S[l]``: ``[N, n_max, H, d_{l−1}, d_l]``; row ``j`` of sequence
+    ``n`` is the state after its token ``(j + 1)·e`` for ``j < counts[n] = ⌊T_n / e⌋`` and zeros beyond;
+    ``counts``: ``[N]`` long; ``n_max = max_n counts[n]`` (0: every sequence is shorter than ``e``)."""
+
+    A: list[torch.Tensor]
+    S: list[torch.Tensor]
+    counts: torch.Tensor
 
 
 def initial_state(

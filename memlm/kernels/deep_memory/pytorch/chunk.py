@@ -23,17 +23,18 @@ Per-head gates are the same with one channel shared by all units (``C = 1``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 import torch
 
+from ..checks import check_states_every
 from ..coefficients import ChunkCoefficients, ClosingRows, chunk_coefficients
 from ..cpu.function import CompiledDualFormChunks
 from ..mlp import memory_apply, memory_backward, weight_linear
 from ..objectives import Bias, Retention, dual_state, exchanged_state
 from ..spec import MemorySpec
-from ..state import State, channel_axis, gates_or_defaults, initial_state, layer_slices
+from ..state import BoundaryStates, State, channel_axis, gates_or_defaults, initial_state, layer_slices
 from .dual_form import DualFormChunks, implements
 
 LOOPS = {"hand_written": DualFormChunks, "cpu": CompiledDualFormChunks}  # the loops with a hand-written backward
@@ -130,9 +131,11 @@ def _autograd_chunks(
     psi: Bias,
     mirror: Retention,
     spec: MemorySpec,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    record: Collection[int] = (),
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[State]]:
     """The chunk loop for any bias, retention and gate layout, differentiated by autograd: outputs
-    ``[N, H, n_chunks, b, D]`` and the final dual state ``A`` and momentum ``S``. Each chunk runs its
+    ``[N, H, n_chunks, b, D]``, the final dual state ``A`` and momentum ``S``, and ``(A, S)`` after each chunk
+    whose index is in ``record``, in order (the segment ends of ``output_states_every``). Each chunk runs its
     ``pieces`` in order (one piece of all ``b`` rows; with the lag token, row 0 then rows 1..b−1), each a
     dual-form step from the weights ``W = R(A)`` at its start. The coefficients carry a channel axis cut
     per layer, ``C = 1`` for per-head gates."""
@@ -146,7 +149,7 @@ def _autograd_chunks(
         )] + [piece.full.unbind(1)]
         for piece in pieces
     ]
-    outputs, W = [], [mirror(a) for a in A]
+    outputs, recorded, W = [], [], [mirror(a) for a in A]
     for c, (Qc, Kc, Vc) in enumerate(zip(Q.unbind(2), K.unbind(2), V.unbind(2))):
         out = []
         for piece, per_chunk in zip(pieces, per_piece):
@@ -162,7 +165,9 @@ def _autograd_chunks(
             W = [mirror(a) for a in A]
             out.append(_exact_end_read(o, rows_q, W, full, spec) if piece.exact else o)
         outputs.append(torch.cat(out, dim=-2))
-    return torch.stack(outputs, dim=2), A, S
+        if c in record:
+            recorded.append((A, S))
+    return torch.stack(outputs, dim=2), A, S, recorded
 
 
 def _pieces(
@@ -199,14 +204,22 @@ def deep_memory_chunk(
     initial_momentum: Sequence[torch.Tensor] | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    output_states_every: int | None = None,
     loop: str = "autograd",
-) -> tuple[torch.Tensor, State | None]:
+) -> tuple[torch.Tensor, State | None] | tuple[torch.Tensor, State | None, BoundaryStates]:
     """Chunk-parallel Titans/Miras update (mini-batch GD, arXiv 2501.00663, 2504.13173; docs/design.md §3), same
     semantics and arguments as :func:`.naive.deep_memory_naive`. ``loop``: ``"autograd"`` (any memory),
     ``"hand_written"`` or ``"cpu"`` (the Titans memory with per-head gates, see :func:`.dual_form.implements`;
-    ``"cpu"`` on CPU float32/float64 tensors with the extension loaded)."""
+    ``"cpu"`` on CPU float32/float64 tensors with the extension loaded). ``output_states_every`` (a positive
+    multiple of ``chunk_size``; ``loop="autograd"`` only) adds the states at segment ends,
+    :class:`.state.BoundaryStates`, taken after the chunks that close them."""
     if loop not in ("autograd", *LOOPS):
         raise ValueError(f"loop={loop!r} is not one of {('autograd', *LOOPS)}")
+    check_states_every(output_states_every, spec.chunk_size)
+    if output_states_every is not None and loop != "autograd":
+        raise ValueError(
+            f"output_states_every needs loop='autograd' (it records the state per chunk); got loop={loop!r}"
+        )
     depth, b = len(weights), spec.chunk_size
     B, T, H, D = q.shape
     starts, lengths = _sequence_lengths(B, T, cu_seqlens)
@@ -241,9 +254,36 @@ def deep_memory_chunk(
         mirror = spec.mirror()
         A = dual_state(spec.retention, A)
         pieces = _pieces(gates, valid, full, spec, q.dtype)
-        o, A, S = _autograd_chunks(Q, K, V, deltas, pieces, A, S, spec.psi(), mirror, spec)
+        every = output_states_every
+        n_max = 0 if every is None else max(lengths) // every
+        closing = [(j + 1) * every // b - 1 for j in range(n_max)]  # the chunk that ends segment j + 1
+        o, A, S, recorded = _autograd_chunks(Q, K, V, deltas, pieces, A, S, spec.psi(), mirror, spec, closing)
         A = exchanged_state(spec.retention, mirror, A)
+        recorded = [(exchanged_state(spec.retention, mirror, a), s) for a, s in recorded]
 
     o = o.permute(0, 2, 3, 1, 4).reshape(N, n_chunks * b, H, D)
     o = o[valid.view(N, -1)].view(B, T, H, D)
-    return o, ((A, S) if output_final_state else None)
+    final = (A, S) if output_final_state else None
+    if output_states_every is None:
+        return o, final
+    return o, final, _boundary_states(recorded, length // output_states_every, A, S)
+
+
+def _boundary_states(
+    recorded: Sequence[State], counts: torch.Tensor, A: list[torch.Tensor], S: list[torch.Tensor]
+) -> BoundaryStates:
+    """The states after the chunks closing segments ``1..n_max`` (each per layer ``[N, H, d_{l−1}, d_l]``, for every
+    sequence) as :class:`.state.BoundaryStates`: ``[N, n_max, H, d_{l−1}, d_l]``, zero where segment ``j + 1``
+    lies past a sequence's end (``j ≥ counts[n]``; those chunks ran on padding)."""
+    n_max = len(recorded)
+    inside = (torch.arange(n_max, device=counts.device) < counts[:, None])[..., None, None, None]  # [N, n_max, 1, 1, 1]
+
+    def stack(per_boundary: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        if not per_boundary:
+            return like.new_zeros(like.shape[0], 0, *like.shape[1:])
+        x = torch.stack(list(per_boundary), dim=1)
+        return torch.where(inside, x, x.new_zeros(()))
+
+    A_b = [stack([a[layer] for a, _ in recorded], ref) for layer, ref in enumerate(A)]
+    S_b = [stack([s[layer] for _, s in recorded], ref) for layer, ref in enumerate(S)]
+    return BoundaryStates(A_b, S_b, counts.long())
