@@ -105,7 +105,7 @@ def test_packed_documents_equal_separate_runs(case: str) -> None:
     ({"segments": "log"}, "segments must be 'constant'"),
     ({"segment_init": "random"}, "segment_init must be one of"),
     ({"segment_size": 0}, "segment_size must be >= 1"),
-    ({"base": "titans_memory"}, "memory_caching.base must be one of"),
+    ({"base": "attention"}, "memory_caching.base must be one of"),
     ({"base": "nope"}, "unknown mixer name 'nope'"),
 ])
 def test_bad_options_are_named(spec: dict, message: str) -> None:
@@ -136,3 +136,39 @@ def test_caches_keep_pairs_the_decayed_memory_forgot() -> None:
         return (cos.argmax(-1) == perm).float().mean().item()
 
     assert recall(plain) < 0.25 and recall(cached) > 0.45, (recall(plain), recall(cached))  # 0.150 and 0.604
+
+
+TITANS = {"name": "titans_memory", "chunk_size": 2}
+
+
+@pytest.mark.parametrize("base", [TITANS, {"name": "moneta", "chunk_size": 2, "gate_rank": 4}])
+@pytest.mark.parametrize("aggregation", ["residual", "grm", "ssc"])
+def test_one_segment_is_the_deep_base(base: dict, aggregation: str) -> None:
+    m = _mixer(base=base, aggregation=aggregation, segment_size=32)
+    x = torch.randn(2, 19, 32)
+    assert torch.equal(m(x)[0], m.base(x)[0])
+
+
+def test_deep_ssc_with_every_cache_is_grm_and_caches_grow() -> None:
+    x = torch.randn(2, 17, 32)
+    grm = _mixer(base=TITANS, segment_size=4)
+    torch.testing.assert_close(_mixer(base=TITANS, segment_size=4, aggregation="ssc", top_k=8)(x)[0], grm(x)[0],
+                               rtol=0, atol=0)
+    assert not torch.allclose(_mixer(base=TITANS, segment_size=4, aggregation="ssc", top_k=1)(x)[0][:, 12:],
+                              grm(x)[0][:, 12:])
+    state = None
+    for t in range(9):
+        _, state = grm(x[:1, t:t + 1], state, use_cache=True)
+    base = state["base"]  # the state at the current segment's start: two segments closed after 9 tokens
+    assert base["caches"][0].shape[1] == 2 and state["pending"].shape[1] == 1
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"aggregation": "soup"}, "'soup' is not implemented for a deep memory"),
+    ({"segment_size": 5}, "must be a multiple of the deep memory's chunk_size=2"),
+])
+def test_deep_memory_options_are_checked(spec: dict, message: str) -> None:
+    with pytest.raises(ValueError, match="layers\\[0\\]") as err:
+        MemLMForCausalLM(MemLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_heads=2,
+                                     mixer={"name": "memory_caching", "base": TITANS, **spec}))
+    assert message in str(err.value)

@@ -42,11 +42,14 @@ from memlm.kernels.cached_readout import select_top_k
 from memlm.layers.gated_deltanet import GatedDeltaNet
 from memlm.layers.linear_common import LinearMixer, MixerCall, check_choice, heads
 from memlm.layers.mamba2 import Mamba2
+from memlm.layers.memory_caching_deep import DeepCaching
 from memlm.layers.mixer import Mixer
+from memlm.layers.neural_memory import NeuralMemory
 from memlm.layers.registry import build_mixer, parse_spec, register_mixer
 from memlm.layers.segments import Segments, cut
 
-BASES = ("gated_deltanet", "delta_net", "gla", "retnet", "mamba2")
+BASES = ("gated_deltanet", "delta_net", "gla", "retnet", "mamba2")  # matrix memories
+DEEP_BASES = ("titans_memory", "moneta", "yaad", "memora")  # MLP memories (memory_caching_deep.py)
 
 
 def _accumulate(t: torch.Tensor) -> torch.dtype:
@@ -60,6 +63,8 @@ def key_shape(base: nn.Module) -> tuple[int, int]:
         return base.num_heads, base.ssm_state_size
     if isinstance(base, GatedDeltaNet):
         return base.num_v_heads, base.head_k_dim
+    if isinstance(base, NeuralMemory):
+        return base.num_heads, base.head_dim
     return base.num_heads, base.head_k_dim
 
 
@@ -78,7 +83,7 @@ class CachingCall(MixerCall):
 
 
 @register_mixer("memory_caching")
-class MemoryCaching(Mixer):
+class MemoryCaching(DeepCaching, Mixer):
     @dataclass
     class Options:
         base: str | dict = "gated_deltanet"  # the memory mixer wrapped: gated_deltanet, delta_net, gla, retnet, mamba2
@@ -101,15 +106,23 @@ class MemoryCaching(Mixer):
             for name in ("segment_size", "top_k"):
                 if getattr(self, name) < 1:
                     raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-            cls, _ = parse_spec(self.base, where="memory_caching.base")
-            if cls.mixer_name not in BASES:
-                raise ValueError(f"memory_caching.base must be one of {list(BASES)} (the deep memory is not "
-                                 f"wrapped yet), got {cls.mixer_name!r}")
+            cls, base = parse_spec(self.base, where="memory_caching.base")
+            if cls.mixer_name not in BASES + DEEP_BASES:
+                raise ValueError(f"memory_caching.base must be one of {list(BASES + DEEP_BASES)}, "
+                                 f"got {cls.mixer_name!r}")
+            if cls.mixer_name in DEEP_BASES:
+                if self.segment_size % base.chunk_size:
+                    raise ValueError(f"segment_size={self.segment_size} must be a multiple of the deep memory's "
+                                     f"chunk_size={base.chunk_size} (its state is exact at chunk ends only)")
+                if self.aggregation == "soup":
+                    raise ValueError("aggregation 'soup' is not implemented for a deep memory (the chunked kernel "
+                                     "never materialises a token's online weights); use residual, grm or ssc")
 
     def __init__(self, hidden_size: int, config: Any, opts: Options) -> None:
         super().__init__()
         self.opts = opts
-        self.base: LinearMixer = build_mixer(opts.base, hidden_size, config, where="memory_caching.base")
+        self.base: LinearMixer | NeuralMemory = build_mixer(opts.base, hidden_size, config,
+                                                            where="memory_caching.base")
         self.num_heads, self.key_dim = key_shape(self.base)
         gated = opts.aggregation != "residual" and opts.gate_input == "x"
         self.u_proj = nn.Linear(hidden_size, self.num_heads * self.key_dim, bias=False) if gated else None
@@ -117,8 +130,15 @@ class MemoryCaching(Mixer):
     def state_size(self, seq_len: int) -> int:
         """The base's state, one cached state and summary per closed segment, and the running summary."""
         caches = seq_len // self.opts.segment_size
-        return (self.base.state_size(seq_len) + caches * (self.base.memory_numel + self.num_heads * self.key_dim)
+        return (self.base.state_size(seq_len) + caches * (self.cache_numel() + self.num_heads * self.key_dim)
                 + self.num_heads * self.key_dim)
+
+    def cache_numel(self) -> int:
+        """Elements of one cached state: the matrix memory, or the deep memory's weights (its pending segment's
+        inputs, kept for exact decoding, are not counted)."""
+        if isinstance(self.base, NeuralMemory):
+            return sum(w.numel() for w in self.base.memory_weights)
+        return self.base.memory_numel
 
     def forward(
         self,
@@ -129,6 +149,8 @@ class MemoryCaching(Mixer):
     ) -> tuple[torch.Tensor, dict[str, Any] | None]:
         if cu_seqlens is not None and (state is not None or use_cache):
             raise ValueError("memory_caching: cu_seqlens (packed documents) cannot be combined with a decoding cache")
+        if isinstance(self.base, NeuralMemory):
+            return self.deep_forward(x, state, use_cache, cu_seqlens)
         call = CachingCall(self, x, state, use_cache, cu_seqlens)
         y, memory = self.base.mix(x, call)
         if not use_cache:
@@ -156,7 +178,15 @@ class MemoryCaching(Mixer):
                 online[0, lo:hi] += torch.einsum("thk,hkv->thv", q_T[0, lo:hi].to(start.dtype), start).to(online.dtype)
         sums, running = self._pools(flat["k"], segs, incoming)
         caches, pools = self._caches(segs, ends, sums, incoming, B)
-        o = self._aggregate(flat["q"], online, caches, pools, running, segs, incoming, call, scale)
+        counts = [0 if c is None else c.shape[0] for c in caches]
+
+        def read_caches(gamma: torch.Tensor, visible: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+            states = torch.cat([c for c in caches if c is not None])[None].to(q.dtype)
+            return cached_readout(flat["q"], states, gamma, visible, scale=scale, cu_seqlens=segs.seq_cu,
+                                  cache_offsets=offsets)
+
+        n_old = 0 if incoming is None else incoming["caches"].shape[1]
+        o = self._aggregate(flat["q"], online, counts, pools, running, segs, n_old, call.x, read_caches)
         if call.use_cache:
             call.cache_state = self._next_state(segs, ends, sums, caches, pools, incoming, phase + T, B)
             memory = self._online_after(segs, ends, B)
@@ -239,29 +269,25 @@ class MemoryCaching(Mixer):
             pools.append(torch.stack(old_p + [sums[i] / size for i in own]) if old_p or own else None)
         return caches, pools
 
-    def _aggregate(self, q: torch.Tensor, online: torch.Tensor, caches: list, pools: list, running: torch.Tensor,
-                   segs: Segments, incoming: dict | None, call: CachingCall, scale: float) -> torch.Tensor:
-        """``γ_on · online + Σ_i γ_i q S^{(i)}`` per token (γ by the aggregation), ``[1, N, H, V]``."""
-        n_old = 0 if incoming is None else incoming["caches"].shape[1]
+    def _aggregate(self, q: torch.Tensor, online: torch.Tensor, counts: list[int], pools: list, running: torch.Tensor,
+                   segs: Segments, n_old: int, x: torch.Tensor, read: Any) -> torch.Tensor:
+        """``γ_on · online + read(γ, visible, offsets)`` per token ``[1, N, H, V]`` (γ by the aggregation):
+        ``counts`` caches per sequence, ``n_old`` of them from before this call."""
         visible = (n_old + segs.ordinal[segs.token_segment])[None]  # caches closed before each token's segment
-        counts = [0 if c is None else c.shape[0] for c in caches]
         if max(counts) == 0:
             return online
         if self.opts.aggregation == "residual":
             gamma_on, gamma = online.new_ones(online.shape[:3]), q.new_ones(*q.shape[:3], max(counts))
         else:
-            gamma_on, gamma = self._gates(q, pools, running, segs, visible, call, max(counts))
-        states = torch.cat([c for c in caches if c is not None])[None].to(q.dtype)
+            gamma_on, gamma = self._gates(q, pools, running, segs, visible, x, max(counts))
         offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=q.device)
-        read = cached_readout(q, states, gamma.to(q.dtype), visible, scale=scale, cu_seqlens=segs.seq_cu,
-                              cache_offsets=offsets)
-        return gamma_on[..., None].to(online.dtype) * online + read
+        return gamma_on[..., None].to(online.dtype) * online + read(gamma.to(q.dtype), visible, offsets)
 
     def _gates(self, q: torch.Tensor, pools: list, running: torch.Tensor, segs: Segments, visible: torch.Tensor,
-               call: CachingCall, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+               x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """γ: a softmax of ``⟨u_t, p⟩`` over the online summary and the visible (for ssc: the ``top_k``
         selected) caches' summaries. Returns ``(γ_on [1, N, H], γ [1, N, H, width])``."""
-        u = q if self.u_proj is None else heads(self.u_proj(call.x), self.key_dim).flatten(0, 1)[None]
+        u = q if self.u_proj is None else heads(self.u_proj(x), self.key_dim).flatten(0, 1)[None]
         u = u.to(running.dtype)
         padded = torch.stack([F.pad(p, (0, 0, 0, 0, 0, width - p.shape[0])) if p is not None else
                               u.new_zeros(width, *u.shape[2:]) for p in pools])  # [n_seq, width, H, K]

@@ -153,16 +153,30 @@ class MemoryParameters:
         memory: tuple[list[torch.Tensor], list[torch.Tensor] | None],
         want_state: bool,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]] | None]:
-        """The memory recurrence over ``[B, T, H, d]`` from ``memory = (W, S)``: reads after writes."""
+        states_every: int | None = None,
+    ) -> Any:
+        """The memory recurrence over ``[B, T, H, d]`` from ``memory = (W, S)``: reads after writes. Returns
+        ``(o, final state or None)``, and with ``states_every`` also the states at those segment ends
+        (``deep_memory``'s ``output_states_every``)."""
         dtype = q.dtype
         weights = [w.to(dtype) for w in memory[0]]
         momentum = [s.to(dtype) for s in memory[1]] if memory[1] is not None else None
         lr, eta, alpha, delta = (g.to(dtype) if g is not None else None for g in gates)
         return deep_memory(
             q, k, v, lr, eta, alpha, weights, self.spec, delta=delta, initial_momentum=momentum,
-            output_final_state=want_state, cu_seqlens=cu_seqlens, backend=self.opts.backend,
+            output_final_state=want_state, cu_seqlens=cu_seqlens, output_states_every=states_every,
+            backend=self.opts.backend,
         )
+
+
+def per_document(memory: tuple[list[torch.Tensor], list[torch.Tensor] | None], cu_seqlens: torch.Tensor | None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """With packed documents, one copy of the (shared) start state ``(W, S)`` per document."""
+    if cu_seqlens is None:
+        return memory
+    n = cu_seqlens.numel() - 1
+    return ([w[:1].expand(n, *w.shape[1:]) for w in memory[0]],
+            None if memory[1] is None else [s[:1].expand(n, *s.shape[1:]) for s in memory[1]])
 
 
 @register_mixer("titans_memory")
@@ -344,11 +358,7 @@ class NeuralMemory(MemoryParameters, Mixer):
     # --- the mixer --------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, base: dict[str, Any], want_state: bool, cu_seqlens=None):
         q, k, v, gates, convs = self.project(x, base["conv"], cu_seqlens)
-        memory = (base["weights"], base["momentum"])
-        if cu_seqlens is not None:  # one copy of the start state per document
-            n = cu_seqlens.numel() - 1
-            memory = ([w[:1].expand(n, *w.shape[1:]) for w in memory[0]],
-                      None if memory[1] is None else [s[:1].expand(n, *s.shape[1:]) for s in memory[1]])
+        memory = per_document((base["weights"], base["momentum"]), cu_seqlens)
         o, final = self.write_read(q, k, v, gates, memory, want_state, cu_seqlens)
         new_base = {"conv": convs, "weights": final[0], "momentum": final[1]} if want_state else None
         return self.output(o, x), new_base

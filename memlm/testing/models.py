@@ -60,6 +60,11 @@ CASES: dict[str, dict] = {
     "mc-retnet-soup": {"mixer": {"name": "memory_caching", "base": "retnet", "segment_size": 4, "aggregation": "soup"}},
     "mc-mamba2-independent": {"mixer": {"name": "memory_caching", "segment_size": 6, "segment_init": "independent",
                                         "base": {"name": "mamba2", "head_dim": 8, "state_size": 8}}},
+    "mc-titans-grm": {"mixer": {"name": "memory_caching", "segment_size": 4,
+                                "base": {"name": "titans_memory", "chunk_size": 2, "num_persistent": 2}}},
+    "mc-moneta-ssc-independent": {"mixer": {"name": "memory_caching", "segment_size": 6, "aggregation": "ssc",
+                                            "top_k": 1, "segment_init": "independent",
+                                            "base": {"name": "moneta", "chunk_size": 3, "gate_rank": 4}}},
     "mac-yaad": {"mixer": {"name": "titans_mac", "segment_size": 6, "memory": {"name": "yaad", "chunk_size": 4},
                            "attention": {"name": "attention", "num_persistent": 2}, "normalize_attention": True}},
 }

@@ -1,0 +1,109 @@
+"""Memory Caching over the Titans / Miras deep memory (docs/design.md §4.4): the caches are MLP weights.
+
+Mixed into :class:`memlm.layers.memory_caching.MemoryCaching` when its ``base`` is ``titans_memory`` or a
+Miras preset. ``checkpoint``: one call of the deep-memory kernel runs the whole sequence (the online read is
+the base's own) and returns its state at every segment end (``output_states_every``); ``independent``: the
+segments run as packed documents, each from the memory's initial state, one call, and the closed segments'
+final states are the caches. A cache ``W^{(i)}`` is read as ``M_{W^{(i)}}(q_t)`` (``cached_readout_mlp``).
+
+Segments are whole chunks of the memory (``segment_size`` a multiple of ``chunk_size``), so decoding keeps the
+state at the current segment's start with its pending inputs and recomputes the segment at each step
+(``layers/periodic.py`` with the segment as the period): exact, at O(segment_size) per token. ``soup``
+(reading the γ-mix of the cached and online weights) is not implemented for the deep memory: the chunked
+kernel never materialises the online weights ``W_t`` of a token inside a chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memlm.kernels import cached_readout_mlp
+from memlm.layers.neural_memory import per_document
+from memlm.layers.periodic import periodic_forward
+from memlm.layers.segments import cut
+
+
+class DeepCaching:
+    """The deep-memory path of ``memory_caching`` (the owner has ``base``, ``opts``, ``_pools``, ``_aggregate``)."""
+
+    base: Any
+    opts: Any
+
+    def deep_forward(self, x: torch.Tensor, state: dict[str, Any] | None, use_cache: bool,
+                     cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        if cu_seqlens is not None:
+            return self._deep_run(x, self._deep_initial(1), False, cu_seqlens)[0], None
+        return periodic_forward(self._deep_run, x, state, use_cache, self.opts.segment_size,
+                                lambda: self._deep_initial(x.shape[0]))
+
+    def _deep_initial(self, batch: int) -> dict[str, Any]:
+        weights, momentum = self.base.initial_memory(batch)
+        return {"conv": (None, None, None), "weights": weights, "momentum": momentum, "caches": None, "pools": None}
+
+    def _deep_run(self, x: torch.Tensor, start: dict[str, Any], want_state: bool,
+                  cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """``x`` from a segment start (``start``: the state there, with the caches so far) → output and, with
+        ``want_state`` (``x`` whole segments), the state at its end."""
+        B, T = x.shape[:2]
+        size = self.opts.segment_size
+        q, k, v, gates, convs = self.base.project(x, start["conv"], cu_seqlens)
+        lengths = [T] * B if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        segs = cut(lengths, size, 0, x.device)
+        flat = {n: t.reshape(1, B * T, *t.shape[2:]) for n, t in {"q": q, "k": k, "v": v}.items()}
+        if self.opts.segment_init == "checkpoint":
+            memory = per_document((start["weights"], start["momentum"]), cu_seqlens)
+            if max(lengths) < size:  # no segment closes: the base's own call (and kernel path)
+                o, final = self.base.write_read(q, k, v, gates, memory, want_state, cu_seqlens)
+                new = [[w[:0] for w in memory[0]] for _ in lengths]
+            else:
+                o, final, ends = self.base.write_read(q, k, v, gates, memory, want_state, cu_seqlens,
+                                                      states_every=size)
+                new = [[a[n, :c] for a in ends.A] for n, c in enumerate(ends.counts.tolist())]
+            after = final
+        else:  # every segment from the initial state, as packed documents
+            n_seg = segs.sequence.numel()
+            flat_gates = tuple(None if g is None else g.reshape(1, B * T, *g.shape[2:]) for g in gates)
+            o, finals = self.base.write_read(flat["q"], flat["k"], flat["v"], flat_gates,
+                                             self.base.initial_memory(n_seg), True, segs.cu_seqlens)
+            full, sequence = segs.full.tolist(), segs.sequence.tolist()
+            new = [[a[[i for i in range(n_seg) if full[i] and sequence[i] == s]] for a in finals[0]]
+                   for s in range(len(lengths))]
+            after = self.base.initial_memory(B) if want_state else None
+        sums, running = self._pools(flat["k"], segs, None)
+        caches, pools, counts = self._deep_caches(start, new, sums, segs)
+        spec, depth = self.base.spec, len(self.base.memory_weights)
+
+        def read_caches(gamma: torch.Tensor, visible: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+            states = [torch.cat([c[layer] for c in caches])[None].to(q.dtype) for layer in range(depth)]
+            return cached_readout_mlp(flat["q"], states, gamma, visible, spec, cu_seqlens=segs.seq_cu,
+                                      cache_offsets=offsets)
+
+        n_old = 0 if start["caches"] is None else start["caches"][0].shape[1]
+        o = self._aggregate(flat["q"], o.reshape(flat["q"].shape), counts, pools, running, segs, n_old, x,
+                            read_caches)
+        y = self.base.output(o.view(B, T, *o.shape[2:]), x)
+        if not want_state:
+            return y, None
+        return y, {"conv": convs, "weights": after[0], "momentum": after[1],
+                   "caches": [torch.stack([c[layer] for c in caches]) for layer in range(depth)],
+                   "pools": torch.stack(pools)}
+
+    def _deep_caches(self, start: dict[str, Any], new: list[list[torch.Tensor]], sums: torch.Tensor, segs: Any
+                     ) -> tuple[list, list, list[int]]:
+        """Per sequence its caches (a list of per-layer ``[n, H, a, b]``), their summaries ``[n, H, K]`` and counts."""
+        size = float(self.opts.segment_size) if self.opts.pool == "mean" else 1.0
+        full, sequence = segs.full.tolist(), segs.sequence.tolist()
+        caches, pools, counts = [], [], []
+        for s, layers in enumerate(new):
+            own = torch.stack([sums[i] / size for i in range(len(full)) if full[i] and sequence[i] == s]) \
+                if layers[0].shape[0] else sums.new_zeros(0, *sums.shape[1:])
+            if start["caches"] is not None:
+                layers = [torch.cat([old[s].to(n.dtype), n]) for old, n in zip(start["caches"], layers)]
+                own = torch.cat([start["pools"][s].to(own.dtype), own])
+            caches.append(layers)
+            pools.append(own)
+            counts.append(layers[0].shape[0])
+        return caches, pools, counts
+
