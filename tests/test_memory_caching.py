@@ -163,8 +163,18 @@ def test_deep_ssc_with_every_cache_is_grm_and_caches_grow() -> None:
     assert base["caches"][0].shape[1] == 2 and state["pending"].shape[1] == 1
 
 
+def test_deep_soup_differs_from_grm_and_is_grm_with_one_cache_of_a_linear_memory() -> None:
+    """An MLP memory read at the mean of its caches' weights is not the mean of its reads; with a linear
+    memory (depth 1, no residual or norm) the two agree."""
+    x = torch.randn(2, 17, 32)
+    for base, same in ((TITANS, False), ({**TITANS, "depth": 1, "residual": False, "memory_norm": False}, True)):
+        soup = _mixer(base=base, segment_size=4, aggregation="soup")(x)[0]
+        grm = _mixer(base=base, segment_size=4)(x)[0]
+        torch.testing.assert_close(soup[:, :4], grm[:, :4], rtol=0, atol=0)  # no cache yet
+        assert torch.allclose(soup, grm, rtol=1e-5, atol=1e-6) == same
+
+
 @pytest.mark.parametrize(("spec", "message"), [
-    ({"aggregation": "soup"}, "'soup' is not implemented for a deep memory"),
     ({"segment_size": 5}, "must be a multiple of the deep memory's chunk_size=2"),
 ])
 def test_deep_memory_options_are_checked(spec: dict, message: str) -> None:

@@ -6,7 +6,8 @@ its online memory and the caches of the segments before its own:
 
     residual:   o_t = q_t S_t + Σ_{i<s} q_t S^{(i)}
     grm:        o_t = γ_t^{on} q_t S_t + Σ_{i<s} γ_t^{(i)} q_t S^{(i)},   γ_t = softmax(⟨u_t, p_on⟩, ⟨u_t, p_i⟩_{i<s})
-    soup:       one memory γ_t^{on} S_t + Σ γ_t^{(i)} S^{(i)} read once: for a matrix memory the same as grm
+    soup:       the caches as one memory, their γ-weighted mean read once (× Σ γ^{(i)}), plus γ^{on} q_t S_t:
+                for a matrix memory the same as grm; for a deep memory a different read (memory_caching_deep.py)
     ssc:        grm over the online memory and only the ``top_k`` caches with the largest ⟨u_t, p_i⟩
 
 (reads scaled as the base reads). The rest of the base mixer (projections, convolutions, gates, output
@@ -114,9 +115,6 @@ class MemoryCaching(DeepCaching, Mixer):
                 if self.segment_size % base.chunk_size:
                     raise ValueError(f"segment_size={self.segment_size} must be a multiple of the deep memory's "
                                      f"chunk_size={base.chunk_size} (its state is exact at chunk ends only)")
-                if self.aggregation == "soup":
-                    raise ValueError("aggregation 'soup' is not implemented for a deep memory (the chunked kernel "
-                                     "never materialises a token's online weights); use residual, grm or ssc")
 
     def __init__(self, hidden_size: int, config: Any, opts: Options) -> None:
         super().__init__()

@@ -8,9 +8,11 @@ final states are the caches. A cache ``W^{(i)}`` is read as ``M_{W^{(i)}}(q_t)``
 
 Segments are whole chunks of the memory (``segment_size`` a multiple of ``chunk_size``), so decoding keeps the
 state at the current segment's start with its pending inputs and recomputes the segment at each step
-(``layers/periodic.py`` with the segment as the period): exact, at O(segment_size) per token. ``soup``
-(reading the γ-mix of the cached and online weights) is not implemented for the deep memory: the chunked
-kernel never materialises the online weights ``W_t`` of a token inside a chunk.
+(``layers/periodic.py`` with the segment as the period): exact, at O(segment_size) per token.
+
+``soup`` mixes the caches' weights (their γ-weighted mean, read once, scaled by their total weight) and keeps
+the online memory's own read: the paper mixes the online weights in too, but the chunked kernel never
+materialises a token's online weights ``W_t`` inside a chunk. For a matrix memory this is exactly grm.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from memlm.kernels import cached_readout_mlp
+from memlm.kernels.cached_readout.retention import read_weights
+from memlm.kernels.deep_memory.mlp import memory_apply
 from memlm.layers.neural_memory import per_document
 from memlm.layers.periodic import periodic_forward
 from memlm.layers.segments import cut
@@ -76,6 +81,8 @@ class DeepCaching:
         spec, depth = self.base.spec, len(self.base.memory_weights)
 
         def read_caches(gamma: torch.Tensor, visible: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+            if self.opts.aggregation == "soup":
+                return self._soup(flat["q"], caches, gamma, visible, segs)
             states = [torch.cat([c[layer] for c in caches])[None].to(q.dtype) for layer in range(depth)]
             return cached_readout_mlp(flat["q"], states, gamma, visible, spec, cu_seqlens=segs.seq_cu,
                                       cache_offsets=offsets)
@@ -89,6 +96,29 @@ class DeepCaching:
         return y, {"conv": convs, "weights": after[0], "momentum": after[1],
                    "caches": [torch.stack([c[layer] for c in caches]) for layer in range(depth)],
                    "pools": torch.stack(pools)}
+
+    def _soup(self, q: torch.Tensor, caches: list, gamma: torch.Tensor, visible: torch.Tensor, segs: Any
+              ) -> torch.Tensor:
+        """Memory soup over the caches: per token one memory whose weights are the γ-weighted mean of the visible
+        caches' weights, read once and scaled by their total weight, ``(Σ_i γ_i) · M_{Σ_i γ_i W^{(i)} / Σ_i γ_i}(q_t)``
+        (for a matrix memory exactly the grm read). ``[1, N, H, D]``; it materialises one set of weights per
+        token and head."""
+        width = gamma.shape[-1]
+        read = [read_weights(self.base.spec, c) for c in caches]  # per sequence, per layer [n, H, a, b]
+        seq = segs.sequence[segs.token_segment]
+        weights = gamma[0] * (torch.arange(width, device=q.device) < visible[0, :, None])[:, None, :]  # [N, H, width]
+        total = weights.sum(-1)  # [N, H]
+        share = weights / total.clamp_min(torch.finfo(total.dtype).tiny)[..., None]
+        mixed = []
+        for layer in range(len(self.base.memory_weights)):
+            padded = torch.stack([F.pad(r[layer], (0, 0, 0, 0, 0, 0, 0, width - r[layer].shape[0])) for r in read])
+            mixed.append(torch.einsum("thn,tnhab->thab", share.to(padded.dtype), padded[seq]).to(q.dtype))
+
+        def linear(layer: int, h: torch.Tensor) -> torch.Tensor:
+            return h @ mixed[layer]  # [N, H, 1, a] @ [N, H, a, b]
+
+        out, _ = memory_apply(q[0][:, :, None], linear, len(mixed), self.base.spec)  # [N, H, 1, D]
+        return (total[..., None].to(out.dtype) * out[:, :, 0])[None]
 
     def _deep_caches(self, start: dict[str, Any], new: list[list[torch.Tensor]], sums: torch.Tensor, segs: Any
                      ) -> tuple[list, list, list[int]]:

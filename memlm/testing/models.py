@@ -65,6 +65,8 @@ CASES: dict[str, dict] = {
     "mc-moneta-ssc-independent": {"mixer": {"name": "memory_caching", "segment_size": 6, "aggregation": "ssc",
                                             "top_k": 1, "segment_init": "independent",
                                             "base": {"name": "moneta", "chunk_size": 3, "gate_rank": 4}}},
+    "mc-yaad-soup": {"mixer": {"name": "memory_caching", "segment_size": 4, "aggregation": "soup",
+                               "base": {"name": "yaad", "chunk_size": 2, "gate_rank": 4}}},
     "mac-yaad": {"mixer": {"name": "titans_mac", "segment_size": 6, "memory": {"name": "yaad", "chunk_size": 4},
                            "attention": {"name": "attention", "num_persistent": 2}, "normalize_attention": True}},
 }
