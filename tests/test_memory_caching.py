@@ -91,7 +91,7 @@ def test_the_decoding_state_grows_by_one_cache_per_segment() -> None:
     assert grown == (64 // size - 32 // size) * (m.base.memory_numel + m.num_heads * m.key_dim)
 
 
-@pytest.mark.parametrize("case", ["mc-gdn-grm", "mc-mamba2-independent"])
+@pytest.mark.parametrize("case", ["mc-gdn-grm", "mc-mamba2-independent", "mc-titans-grm", "mc-moneta-ssc-independent"])
 def test_packed_documents_equal_separate_runs(case: str) -> None:
     model = build(case)
     docs = [torch.randint(0, VOCAB, (1, n)) for n in (7, 13, 5)]
