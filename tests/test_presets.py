@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 import memlm
 from memlm import load_preset
+from memlm.layers.registry import MIXERS
 from memlm.models import MemLMConfig, MemLMForCausalLM
 from memlm.presets import aliases, preset_fields, preset_names, resolve_name, sizes
 from memlm.train.config import ConfigError, load_config, model_kwargs
@@ -42,20 +44,43 @@ def test_every_former_name_builds_the_model_its_yaml_built(old: str) -> None:
         assert _config_dict(MemLMConfig(**run_fields)) == _config_dict(MemLMConfig(**{"vocab_size": 4096, **fields}))
 
 
+# A wrapper's base memory in its name: a short name, else the registry name with ``_memory`` dropped.
+_BASE_SHORT = {"gated_deltanet": "gdn"}
+# Wrappers whose name leaves this base out (fla's MoM is over Gated DeltaNet).
+_BASE_IMPLIED = {"mom": "gated_deltanet"}
+
+
+def _mixer_stem(mixer: dict) -> str:
+    """The mixer's registry name; a wrapper of another memory (a mixer with a ``base``: ``mom``,
+    ``memory_caching``) adds its base's (``mom_titans`` for ``base: titans_memory``, ``memory_caching_gdn``
+    for ``base: gated_deltanet``), except where its name implies the base (``mom`` over Gated DeltaNet)."""
+    name = mixer["name"]
+    default = {f.name: f.default for f in dataclasses.fields(MIXERS[name].Options)}.get("base")
+    base = mixer.get("base", default)
+    if base is None:
+        return name
+    base = base if isinstance(base, str) else base["name"]
+    stem = name if base == _BASE_IMPLIED.get(name) else f"{name}_{_BASE_SHORT.get(base, base.removesuffix('_memory'))}"
+    if name == "memory_caching" and mixer.get("aggregation", "grm") != "grm":  # grm is the family's default read
+        stem += f"_{mixer['aggregation']}"
+    return stem
+
+
 @pytest.mark.parametrize("name", preset_names())
 def test_names_follow_the_rule(name: str) -> None:
     """``<mixer>_<size>`` for one mixer throughout, ``hybrid_<mixer>_<a>to<b>_<size>`` for ``ratio: "a:b"``
-    (``<mixer>`` the registry name of the first mixer, then attention), ``size`` one of sizes.yaml."""
+    (``<mixer>`` the registry name of the first mixer, then attention; a wrapper's with its base memory's,
+    :func:`_mixer_stem`), ``size`` one of sizes.yaml."""
     config = load_preset(name)
     specs = config.layer_specs()
     size = next(s for s in sizes() if name.endswith(f"_{s}"))
     if config.ratio is None:
         assert {s["name"] for s in specs} == {config.mixer["name"]}
-        assert name == f"{config.mixer['name']}_{size}"
+        assert name == f"{_mixer_stem(config.mixer)}_{size}"
     else:
         a, b = config.ratio.split(":")
         assert config.ratio_mixer["name"] == "attention"
-        assert name == f"hybrid_{config.mixer['name']}_{a}to{b}_{size}"
+        assert name == f"hybrid_{_mixer_stem(config.mixer)}_{a}to{b}_{size}"
 
 
 def test_sizes_are_kept_once() -> None:
@@ -67,7 +92,7 @@ def test_sizes_are_kept_once() -> None:
         assert ("vocab_size" in spec) == (size != "tiny")
     exceptions = {name for name in preset_names()
                   if any(preset_fields(name)[k] != v for k, v in sizes()[name.rpartition("_")[2]].items())}
-    assert exceptions == {"gated_deltanet_1.3b", "hybrid_gated_deltanet_3to1_tiny"}
+    assert exceptions == {"gated_deltanet_1.3b", "hybrid_gated_deltanet_3to1_tiny", "mom_1.3b"}
 
 
 def test_load_preset_is_the_public_entry_point() -> None:
