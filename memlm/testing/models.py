@@ -50,8 +50,6 @@ CASES: dict[str, dict] = {
     "mom-gla-single": {"mixer": {"name": "mom", "base": "gla", "num_memories": 3, "topk": 1, "shared_mem": False,
                                  "single_kv_proj": True, "use_output_gate": False, "expand_v": 2.0}},
     "mom-titans": {"mixer": {"name": "mom", "num_heads": 2, "base": {"name": "titans_memory", "chunk_size": 4}}},
-    "mom-memora": {"mixer": {"name": "mom", "num_heads": 2, "topk": 1,
-                             "base": {"name": "memora", "chunk_size": 3, "gate_rank": 4}}},
     "mc-gdn-grm": {"mixer": {"name": "memory_caching", "base": "gated_deltanet", "segment_size": 4}},
     "mc-deltanet-residual-independent": {"mixer": {"name": "memory_caching", "base": "delta_net", "segment_size": 5,
                                                    "aggregation": "residual", "segment_init": "independent"}},
