@@ -219,12 +219,15 @@ class MemoryCaching(DeepCaching, Mixer):
         starts: list[torch.Tensor | None] = []
         ends: list[torch.Tensor] = []
         first, sequence = segs.first.tolist(), segs.sequence.tolist()
+        # unbound once: indexing a tensor per segment costs a full-size zero-filled gradient per index
+        deltas = delta.unbind(0)
+        transitions = transition.unbind(0) if transition is not None else None
         for i in range(len(first)):
             if first[i]:
                 start = None if memory_in is None else memory_in[sequence[i]].to(delta.dtype)
             else:
                 start = ends[-1] if self.opts.segment_init == "checkpoint" else None
-            ends.append(delta[i] if start is None else transition[i] @ start + delta[i])
+            ends.append(deltas[i] if start is None else transitions[i] @ start + deltas[i])
             starts.append(start)
         return starts, ends
 
@@ -259,6 +262,7 @@ class MemoryCaching(DeepCaching, Mixer):
         size = float(self.opts.segment_size) if self.opts.pool == "mean" else 1.0
         caches, pools = [], []
         full, sequence = segs.full.tolist(), segs.sequence.tolist()
+        sums = sums.unbind(0)
         for s in range(len(segs.closed)):
             own = [i for i in range(len(full)) if full[i] and sequence[i] == s]
             old_c = [] if incoming is None else list(incoming["caches"][s].unbind(0))
