@@ -58,6 +58,12 @@ def _accumulate(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _last_segments(segs: Segments, batch: int) -> list[int]:
+    """The index of each row's last segment (the running one after the call)."""
+    sequence = segs.sequence.tolist()
+    return [max(i for i, s in enumerate(sequence) if s == b) for b in range(batch)]
+
+
 def key_shape(base: nn.Module) -> tuple[int, int]:
     """(heads, key width) of the memory the base mixer's kernel call receives."""
     if isinstance(base, Mamba2):
@@ -304,7 +310,7 @@ class MemoryCaching(DeepCaching, Mixer):
     def _online_after(self, segs: Segments, ends: list[torch.Tensor], batch: int) -> torch.Tensor | None:
         """The online state after the call, per row: the last segment's end, or zeros (None) where it closed a
         segment and segments start independently."""
-        last = [max(i for i, s in enumerate(segs.sequence.tolist()) if s == b) for b in range(batch)]
+        last = _last_segments(segs, batch)
         if self.opts.segment_init == "independent" and all(segs.full[i] for i in last):
             return None
         out = torch.stack([ends[i] for i in last])
@@ -315,7 +321,7 @@ class MemoryCaching(DeepCaching, Mixer):
     def _next_state(self, segs: Segments, ends: list, sums: torch.Tensor, caches: list, pools: list,
                     incoming: dict | None, seen: int, batch: int) -> dict[str, Any]:
         """The caches, their summaries and the running segment's key sum, ``[B, n, ...]`` (rows share n)."""
-        last = [max(i for i, s in enumerate(segs.sequence.tolist()) if s == b) for b in range(batch)]
+        last = _last_segments(segs, batch)
         open_sum = torch.stack([sums[i] * (0.0 if segs.full[i] else 1.0) for i in last])
         empty = (batch, 0, self.num_heads, self.key_dim)
         return {

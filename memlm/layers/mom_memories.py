@@ -21,6 +21,7 @@ Memory ``e < E`` uses the per-memory projections ``{name}.{e}``; the shared memo
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -70,20 +71,21 @@ def put_rows(state: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> t
     return flat.view_as(state)
 
 
-class LinearKind:
+class LinearKind(ABC):
     """A matrix memory ``[H, K, V]`` per bucket, run by ``memlm.kernels.linear_memory``."""
 
     normalize_qk = True
 
+    @abstractmethod
     def build(self, owner: nn.Module, hidden_size: int, opts: Any) -> None:
         """Add the per-memory (and shared) gate projections to ``owner``."""
 
-    def init_weights(self, owner: nn.Module, init: Any, std: float) -> None:
-        """Set what the generic ``Linear`` init does not (decay rates)."""
+    def init_weights(self, owner: nn.Module, init: Any, std: float) -> None:  # noqa: B027  (optional hook)
+        """Set what the generic ``Linear`` init does not (decay rates); nothing by default."""
 
+    @abstractmethod
     def decay(self, owner: nn.Module, x: torch.Tensor, buckets: Buckets) -> dict[str, torch.Tensor]:
         """The kernel's gates (``g``, ``gk``, ``beta``) ``[1, N, H(, K)]`` of the copies, from the input ``x``."""
-        raise NotImplementedError
 
     def state_numel(self, owner: nn.Module) -> int:
         return owner.num_heads * owner.head_k_dim * owner.head_v_dim
