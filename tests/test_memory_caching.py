@@ -42,12 +42,24 @@ def test_one_segment_is_the_base(base: object, aggregation: str) -> None:
     assert torch.equal(m(x)[0], m.base(x)[0])
 
 
+def _fenwick(s: int) -> list[tuple[int, int]]:
+    """The binary split of segments ``[0, s)``, largest group first (log-linear attention's partition)."""
+    groups, start = [], 0
+    for bit in reversed(range(s.bit_length())):
+        if s >> bit & 1:
+            groups.append((start, start + (1 << bit)))
+            start += 1 << bit
+    return groups
+
+
+@pytest.mark.parametrize("segments", ["constant", "log"])
 @pytest.mark.parametrize("init", ["checkpoint", "independent"])
-def test_residual_read_is_the_explicit_sum_of_segment_states(init: str) -> None:
-    """``o_t = q_t S_t + Σ_{i<s} q_t S^{(i)}`` with ``S^{(i)}`` segment i's end state, computed here by running
-    the delta rule on each prefix (checkpoint) or each segment alone (independent)."""
-    size, T = 4, 14
-    m = _mixer(base="delta_net", aggregation="residual", segment_size=size, segment_init=init)
+def test_residual_read_is_the_explicit_sum_of_segment_states(init: str, segments: str) -> None:
+    """``o_t = q_t S_t + Σ_i q_t S^{(i)}`` over the caches of t's segment s (constant: each segment i < s; log:
+    the groups of the binary split of [0, s)), ``S^{(i)}`` a cache's end state, computed here by running the
+    delta rule on each prefix (checkpoint) or on the cache's own tokens (independent)."""
+    size, T = (4, 14) if segments == "constant" else (2, 23)
+    m = _mixer(base="delta_net", aggregation="residual", segment_size=size, segment_init=init, segments=segments)
     gen = torch.Generator().manual_seed(1)
     q, k = (torch.nn.functional.normalize(torch.randn(2, T, 2, 16, generator=gen, dtype=torch.float64), dim=-1)
             for _ in range(2))
@@ -61,12 +73,38 @@ def test_residual_read_is_the_explicit_sum_of_segment_states(init: str) -> None:
         lo = s * size if init == "independent" else 0
         expected[:, t] = linear_memory(q[:, lo:t + 1], k[:, lo:t + 1], v[:, lo:t + 1], beta=beta[:, lo:t + 1],
                                        backend="naive")[0][:, -1]
-        for i in range(s):
-            lo_i = i * size if init == "independent" else 0
-            _, state = linear_memory(q[:, lo_i:(i + 1) * size], k[:, lo_i:(i + 1) * size], v[:, lo_i:(i + 1) * size],
-                                     beta=beta[:, lo_i:(i + 1) * size], output_final_state=True, backend="naive")
+        groups = [(i, i + 1) for i in range(s)] if segments == "constant" else _fenwick(s)
+        for a, b in groups:
+            lo_i, hi_i = (a * size if init == "independent" else 0), b * size
+            _, state = linear_memory(q[:, lo_i:hi_i], k[:, lo_i:hi_i], v[:, lo_i:hi_i], beta=beta[:, lo_i:hi_i],
+                                     output_final_state=True, backend="naive")
             expected[:, t] += torch.einsum("bhk,bhkv->bhv", q[:, t], state) * 16 ** -0.5
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_log_grm_gates_over_the_binary_split_with_group_means() -> None:
+    """grm with log segments: γ is a softmax over the online summary and one summary per group of the binary
+    split, the mean of the group's keys (u_t = q_t here)."""
+    size, T = 2, 21
+    m = _mixer(base="delta_net", segment_size=size, segments="log", gate_input="query")
+    gen = torch.Generator().manual_seed(2)
+    q, k = (torch.nn.functional.normalize(torch.randn(1, T, 2, 16, generator=gen, dtype=torch.float64), dim=-1)
+            for _ in range(2))
+    v = torch.randn(1, T, 2, 16, generator=gen, dtype=torch.float64)
+    beta = torch.rand(1, T, 2, generator=gen, dtype=torch.float64)
+    got, _ = m.read(q, k, v, {"beta": beta}, CachingCall(m, torch.zeros(1, T, 32), None, False, None))
+    for t in range(T):
+        s = t // size
+        online = linear_memory(q[:, :t + 1], k[:, :t + 1], v[:, :t + 1], beta=beta[:, :t + 1],
+                               backend="naive")[0][0, -1]
+        reads, scores = [online], [(q[0, t] * k[0, s * size:t + 1].mean(0)).sum(-1)]
+        for a, b in _fenwick(s):
+            _, state = linear_memory(q[:, :b * size], k[:, :b * size], v[:, :b * size], beta=beta[:, :b * size],
+                                     output_final_state=True, backend="naive")
+            reads.append(torch.einsum("hk,hkv->hv", q[0, t], state[0]) * 16 ** -0.5)
+            scores.append((q[0, t] * k[0, a * size:b * size].mean(0)).sum(-1))
+        gamma = torch.stack(scores).softmax(0)  # [n, H]
+        torch.testing.assert_close(got[0, t], (gamma[..., None] * torch.stack(reads)).sum(0), rtol=1e-10, atol=1e-10)
 
 
 def test_soup_is_grm_and_ssc_with_every_cache_is_grm_for_a_matrix_memory() -> None:
@@ -91,7 +129,46 @@ def test_the_decoding_state_grows_by_one_cache_per_segment() -> None:
     assert grown == (64 // size - 32 // size) * (m.base.memory_numel + m.num_heads * m.key_dim)
 
 
-@pytest.mark.parametrize("case", ["mc-gdn-grm", "mc-mamba2-independent", "mc-titans-grm", "mc-moneta-ssc-independent"])
+@pytest.mark.parametrize("init", ["checkpoint", "independent"])
+def test_log_decoding_keeps_one_cache_per_set_bit(init: str) -> None:
+    """With log segments the state holds the groups of the binary split of the closed segments: popcount of
+    their number, never more."""
+    size = 2
+    m = _mixer(segment_size=size, segments="log", segment_init=init)
+    x = torch.randn(1, 35, 32)
+    state = None
+    for t in range(35):
+        _, state = m(x[:, t:t + 1], state, use_cache=True)
+        units = (t + 1) // size
+        assert state["units"] == units and state["caches"].shape[1] == units.bit_count()
+        assert list(state["ids"]) == [b - 1 for _, b in _fenwick(units)]
+    assert m.state_size(2 * 1024) == m.state_size(2 * 512)  # one group each
+    assert m.state_size(2 * 1023) - m.state_size(2 * 1024) == 9 * (m.state_size(2 * 3) - m.state_size(2 * 2))
+
+
+BASES_BY_KIND = {"matrix": "gated_deltanet", "deep": {"name": "titans_memory", "chunk_size": 2}}
+
+
+@pytest.mark.parametrize("segments", ["constant", "log"])
+@pytest.mark.parametrize("kind", ["matrix", "deep"])
+@pytest.mark.parametrize("aggregation", ["residual", "grm", "soup", "ssc"])
+def test_decoding_equals_the_parallel_pass(aggregation: str, kind: str, segments: str) -> None:
+    """Every aggregation over a matrix and a deep memory, constant and log segments: a prefill then one token
+    at a time gives the parallel outputs, across eleven segment ends (float64: the random deep memory's float32
+    round-off grows to 1e-4 over 23 tokens; Gated DeltaNet computes its gates in float32, as fla does)."""
+    m = _mixer(base=BASES_BY_KIND[kind], aggregation=aggregation, segments=segments, segment_size=2, top_k=1).double()
+    x = torch.randn(2, 23, 32, dtype=torch.float64)
+    full = m(x)[0]
+    out, state = m(x[:, :3], None, use_cache=True)
+    steps = [out]
+    for t in range(3, 23):
+        out, state = m(x[:, t:t + 1], state, use_cache=True)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["mc-gdn-grm", "mc-mamba2-independent", "mc-titans-grm", "mc-moneta-ssc-independent",
+                                  "mc-gdn-log-grm", "mc-deltanet-log-independent-ssc", "mc-titans-log-soup"])
 def test_packed_documents_equal_separate_runs(case: str) -> None:
     model = build(case)
     docs = [torch.randint(0, VOCAB, (1, n)) for n in (7, 13, 5)]
@@ -102,7 +179,7 @@ def test_packed_documents_equal_separate_runs(case: str) -> None:
 
 @pytest.mark.parametrize(("spec", "message"), [
     ({"aggregation": "mean"}, "aggregation must be one of"),
-    ({"segments": "log"}, "segments must be 'constant'"),
+    ({"segments": "fenwick"}, "segments must be one of"),
     ({"segment_init": "random"}, "segment_init must be one of"),
     ({"segment_size": 0}, "segment_size must be >= 1"),
     ({"base": "attention"}, "memory_caching.base must be one of"),

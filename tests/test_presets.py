@@ -53,7 +53,8 @@ _BASE_IMPLIED = {"mom": "gated_deltanet"}
 def _mixer_stem(mixer: dict) -> str:
     """The mixer's registry name; a wrapper of another memory (a mixer with a ``base``: ``mom``,
     ``memory_caching``) adds its base's (``mom_titans`` for ``base: titans_memory``, ``memory_caching_gdn``
-    for ``base: gated_deltanet``), except where its name implies the base (``mom`` over Gated DeltaNet)."""
+    for ``base: gated_deltanet``), except where its name implies the base (``mom`` over Gated DeltaNet); Memory
+    Caching adds a read other than grm and ``_loglinear`` for log segments with grm (Log-Linear++)."""
     name = mixer["name"]
     default = {f.name: f.default for f in dataclasses.fields(MIXERS[name].Options)}.get("base")
     base = mixer.get("base", default)
@@ -63,6 +64,8 @@ def _mixer_stem(mixer: dict) -> str:
     stem = name if base == _BASE_IMPLIED.get(name) else f"{name}_{_BASE_SHORT.get(base, base.removesuffix('_memory'))}"
     if name == "memory_caching" and mixer.get("aggregation", "grm") != "grm":  # grm is the family's default read
         stem += f"_{mixer['aggregation']}"
+    if name == "memory_caching" and mixer.get("segments") == "log":  # log + grm: the paper's Log-Linear++
+        stem += "_loglinear" if mixer.get("aggregation", "grm") == "grm" else "_log"
     return stem
 
 

@@ -10,8 +10,11 @@ its online memory and the caches of the segments before its own:
                 for a matrix memory the same as grm; for a deep memory a different read (memory_caching_deep.py)
     ssc:        grm over the online memory and only the ``top_k`` caches with the largest ⟨u_t, p_i⟩
 
-(reads scaled as the base reads). The rest of the base mixer (projections, convolutions, gates, output
-norm and projection) is unchanged: the wrapper replaces only the base's memory op (``MixerCall``).
+(reads scaled as the base reads). ``segments: log`` groups the closed segments as the binary split of the
+prefix (log-linear attention's Fenwick tree, ``layers/cache_list.py``): a token of segment s reads
+``popcount(s)`` caches, each a group of segments summarised by the mean of its keys. The rest of the base
+mixer (projections, convolutions, gates, output norm and projection) is unchanged: the wrapper replaces only
+the base's memory op (``MixerCall``).
 
 Choices the paper leaves open (docs/design.md §4.4): ``p_i`` is the mean (``pool: mean``; or the sum) of
 segment i's keys as the base's memory receives them, per head; the online segment's ``p_on`` pools its
@@ -25,8 +28,9 @@ documents with values ``[v | 0]`` and initial state ``[0 | I]``, so each segment
 ``ΔS`` and its transition ``T`` (every linear memory is ``S_t = A_t S_{t−1} + B_t(v_t)`` with ``A_t`` free of
 the values), and ``S_end = T · S_start + ΔS`` chains the segments; the online read is
 ``q_t ΔS_{≤t} + (q_t T_{≤t}) S_start``. The caches are then read for all tokens at once
-(``memlm.kernels.cached_readout``). Decoding keeps the caches and their summaries in the state, one more per
-segment: ``state_size(seq_len)`` grows with ``seq_len / segment_size``.
+(``memlm.kernels.cached_readout``). Decoding keeps the caches and their key sums in the state, one more per
+segment (log: only the live groups): ``state_size(seq_len)`` grows with ``seq_len / segment_size`` (log: its
+number of set bits).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torch import nn
 
 from memlm.kernels import cached_readout, linear_memory
 from memlm.kernels.cached_readout import select_top_k
+from memlm.layers.cache_list import CacheList, members
 from memlm.layers.gated_deltanet import GatedDeltaNet
 from memlm.layers.linear_common import LinearMixer, MixerCall, check_choice, heads
 from memlm.layers.mamba2 import Mamba2
@@ -62,6 +67,18 @@ def _last_segments(segs: Segments, batch: int) -> list[int]:
     """The index of each row's last segment (the running one after the call)."""
     sequence = segs.sequence.tolist()
     return [max(i for i, s in enumerate(sequence) if s == b) for b in range(batch)]
+
+
+def _compose(s1: torch.Tensor, t1: torch.Tensor, s2: torch.Tensor, t2: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent pieces in time order as one: ``(T2 S1 + S2, T2 T1)``."""
+    return t2 @ s1 + s2, t2 @ t1
+
+
+def _rows(lists: list[CacheList], name: str, empty: torch.Tensor) -> torch.Tensor:
+    """A field of every row's caches, ``[B, n, ...]`` (rows share n), or ``empty`` where there are none."""
+    rows = [getattr(c, name) for c in lists]
+    return torch.stack([torch.stack(r) for r in rows]) if rows[0] else empty
 
 
 def key_shape(base: nn.Module) -> tuple[int, int]:
@@ -95,8 +112,8 @@ class MemoryCaching(DeepCaching, Mixer):
     class Options:
         base: str | dict = "gated_deltanet"  # the memory mixer wrapped: gated_deltanet, delta_net, gla, retnet, mamba2
         aggregation: str = "grm"  # residual | grm | soup | ssc
-        segments: str = "constant"  # fixed-size segments
-        segment_size: int = 256
+        segments: str = "constant"  # constant (every segment a cache) | log (Fenwick groups of segments)
+        segment_size: int = 256  # tokens per segment (log: the smallest group)
         segment_init: str = "checkpoint"  # checkpoint (from the previous segment's end) | independent
         top_k: int = 2  # ssc: caches read per token
         gate_input: str = "x"  # u_t = x_t W_u ("x") or u_t = q_t ("query")
@@ -104,9 +121,7 @@ class MemoryCaching(DeepCaching, Mixer):
 
         def validate(self) -> None:
             check_choice("aggregation", self.aggregation, ("residual", "grm", "soup", "ssc"))
-            if self.segments != "constant":
-                raise ValueError(f"segments must be 'constant' (the logarithmic split is not implemented yet), "
-                                 f"got {self.segments!r}")
+            check_choice("segments", self.segments, ("constant", "log"))
             check_choice("segment_init", self.segment_init, ("checkpoint", "independent"))
             check_choice("gate_input", self.gate_input, ("x", "query"))
             check_choice("pool", self.pool, ("mean", "sum"))
@@ -121,6 +136,11 @@ class MemoryCaching(DeepCaching, Mixer):
                 if self.segment_size % base.chunk_size:
                     raise ValueError(f"segment_size={self.segment_size} must be a multiple of the deep memory's "
                                      f"chunk_size={base.chunk_size} (its state is exact at chunk ends only)")
+                if self.segments == "log" and self.segment_init == "independent":
+                    raise ValueError("memory_caching: segments='log' with segment_init='independent' needs a matrix "
+                                     f"memory base {list(BASES)} (a deep memory's groups of segments cannot be "
+                                     f"composed from their parts), got {cls.mixer_name!r}; segment_init='checkpoint' "
+                                     f"runs log segments over it")
 
     def __init__(self, hidden_size: int, config: Any, opts: Options) -> None:
         super().__init__()
@@ -132,10 +152,17 @@ class MemoryCaching(DeepCaching, Mixer):
         self.u_proj = nn.Linear(hidden_size, self.num_heads * self.key_dim, bias=False) if gated else None
 
     def state_size(self, seq_len: int) -> int:
-        """The base's state, one cached state and summary per closed segment, and the running summary."""
-        caches = seq_len // self.opts.segment_size
-        return (self.base.state_size(seq_len) + caches * (self.cache_numel() + self.num_heads * self.key_dim)
-                + self.num_heads * self.key_dim)
+        """The base's state, the caches a later token can read with their key sums (independent log: and
+        transitions), and the running key sum: one cache per closed segment, or with log segments one per set bit
+        of the number of closed segments."""
+        units = seq_len // self.opts.segment_size
+        caches = units.bit_count() if self.opts.segments == "log" else units
+        per_cache = self.cache_numel() + self.num_heads * self.key_dim
+        running = self.num_heads * self.key_dim
+        if self._composed:
+            per_cache += self.num_heads * self.key_dim ** 2
+            running += self.num_heads * self.key_dim ** 2
+        return self.base.state_size(seq_len) + caches * per_cache + running
 
     def cache_numel(self) -> int:
         """Elements of one cached state: the matrix memory, or the deep memory's weights (its pending segment's
@@ -174,29 +201,36 @@ class MemoryCaching(DeepCaching, Mixer):
         segs = cut(lengths, self.opts.segment_size, phase, q.device)
         flat = {n: t.reshape(1, B * T, *t.shape[2:]) for n, t in {"q": q, "k": k, "v": v, **decay}.items()}
         o_loc, q_T, delta, transition = self._segments(flat, segs, call.memory, scale)
-        starts, ends = self._chain(segs, delta, transition, call.memory)
+        # unbound once: indexing a tensor per segment costs a full-size zero-filled gradient per index
+        deltas, transitions = delta.unbind(0), None if transition is None else transition.unbind(0)
+        starts, ends = self._chain(segs, deltas, transitions, call.memory)
         online = o_loc.clone()
         for i, start in enumerate(starts):  # the read of the state each segment started from
             if start is not None:
                 lo, hi = segs.cu_seqlens[i], segs.cu_seqlens[i + 1]
                 online[0, lo:hi] += torch.einsum("thk,hkv->thv", q_T[0, lo:hi].to(start.dtype), start).to(online.dtype)
         sums, running = self._pools(flat["k"], segs, incoming)
-        caches, pools = self._caches(segs, ends, sums, incoming, B)
-        counts = [0 if c is None else c.shape[0] for c in caches]
+        unit_t = self._unit_transitions(segs, transitions, incoming)
+        lists = self._close(segs, ends, sums, unit_t, incoming, B)
 
         def read_caches(gamma: torch.Tensor, visible: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-            states = torch.cat([c for c in caches if c is not None])[None].to(q.dtype)
+            states = torch.cat([torch.stack(c.states) for c in lists if c.states])[None].to(q.dtype)
             return cached_readout(flat["q"], states, gamma, visible, scale=scale, cu_seqlens=segs.seq_cu,
                                   cache_offsets=offsets)
 
-        n_old = 0 if incoming is None else incoming["caches"].shape[1]
-        o = self._aggregate(flat["q"], online, counts, pools, running, segs, n_old, call.x, read_caches)
+        n_old = 0 if incoming is None else len(incoming["ids"])
+        o = self._aggregate(flat["q"], online, lists, running, segs, n_old, call.x, read_caches)
         if call.use_cache:
-            call.cache_state = self._next_state(segs, ends, sums, caches, pools, incoming, phase + T, B)
+            call.cache_state = self._next_state(segs, sums, lists, unit_t, phase + T, B, V)
             memory = self._online_after(segs, ends, B)
         else:
             memory = None
         return o.view(B, T, H, V), memory
+
+    @property
+    def _composed(self) -> bool:
+        """Log caches built from independent segments: composed from each piece's ``(ΔS, T)``."""
+        return self.opts.segments == "log" and self.opts.segment_init == "independent"
 
     def _segments(self, flat: dict[str, torch.Tensor], segs: Segments, memory_in: torch.Tensor | None,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
@@ -207,7 +241,7 @@ class MemoryCaching(DeepCaching, Mixer):
         decay = {n: t for n, t in flat.items() if n not in ("q", "k", "v")}
         n_seg, (H, K), V = segs.sequence.numel(), q.shape[2:], v.shape[-1]
         chained = self.opts.segment_init == "checkpoint" and n_seg > len(segs.closed)
-        if memory_in is None and not chained:  # every segment starts from zeros: the base's own call
+        if memory_in is None and not chained and not self._composed:  # all from zeros: the base's own call
             o, final = linear_memory(q, k, v, **decay, scale=scale, output_final_state=True,
                                      cu_seqlens=segs.cu_seqlens)
             return o, None, final, None
@@ -218,24 +252,32 @@ class MemoryCaching(DeepCaching, Mixer):
                                  cu_seqlens=segs.cu_seqlens)
         return o[..., :V], o[..., V:], final[..., :V], final[..., V:]
 
-    def _chain(self, segs: Segments, delta: torch.Tensor, transition: torch.Tensor | None,
+    def _chain(self, segs: Segments, deltas: tuple[torch.Tensor, ...], transitions: tuple[torch.Tensor, ...] | None,
                memory_in: torch.Tensor | None) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
         """Each segment's start and end state: ``S_end = T S_start + ΔS``; a segment starts from the incoming
         state (its sequence's first), the previous end (``checkpoint``) or zeros (``independent``)."""
         starts: list[torch.Tensor | None] = []
         ends: list[torch.Tensor] = []
         first, sequence = segs.first.tolist(), segs.sequence.tolist()
-        # unbound once: indexing a tensor per segment costs a full-size zero-filled gradient per index
-        deltas = delta.unbind(0)
-        transitions = transition.unbind(0) if transition is not None else None
         for i in range(len(first)):
             if first[i]:
-                start = None if memory_in is None else memory_in[sequence[i]].to(delta.dtype)
+                start = None if memory_in is None else memory_in[sequence[i]].to(deltas[i].dtype)
             else:
                 start = ends[-1] if self.opts.segment_init == "checkpoint" else None
             ends.append(deltas[i] if start is None else transitions[i] @ start + deltas[i])
             starts.append(start)
         return starts, ends
+
+    def _unit_transitions(self, segs: Segments, transitions: tuple[torch.Tensor, ...] | None, incoming: dict | None
+                          ) -> list[torch.Tensor] | None:
+        """Independent log caches: each segment's transition from its start, continuing a running segment's."""
+        if not self._composed:
+            return None
+        out = list(transitions)
+        if incoming is not None:
+            for i in segs.first.nonzero().squeeze(-1).tolist():
+                out[i] = out[i] @ incoming["transition"][int(segs.sequence[i])].to(out[i].dtype)
+        return out
 
     def _pools(self, k: torch.Tensor, segs: Segments, incoming: dict | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,40 +303,53 @@ class MemoryCaching(DeepCaching, Mixer):
             running = running / (position + 1 + counts[seg])[:, None, None]
         return sums, running[None]
 
-    def _caches(self, segs: Segments, ends: list[torch.Tensor], sums: torch.Tensor, incoming: dict | None,
-                batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per sequence, its caches ``[n, H, K, V]`` and their summaries ``[n, H, K]``: the incoming ones, then the
-        segments this call closes."""
-        size = float(self.opts.segment_size) if self.opts.pool == "mean" else 1.0
-        caches, pools = [], []
-        full, sequence = segs.full.tolist(), segs.sequence.tolist()
-        sums = sums.unbind(0)
-        for s in range(len(segs.closed)):
-            own = [i for i in range(len(full)) if full[i] and sequence[i] == s]
-            old_c = [] if incoming is None else list(incoming["caches"][s].unbind(0))
-            old_p = [] if incoming is None else list(incoming["pools"][s].unbind(0))
-            caches.append(torch.stack(old_c + [ends[i] for i in own]) if old_c or own else None)
-            pools.append(torch.stack(old_p + [sums[i] / size for i in own]) if old_p or own else None)
-        return caches, pools
+    def _close(self, segs: Segments, ends: list[torch.Tensor], sums: torch.Tensor, unit_t: list[torch.Tensor] | None,
+               incoming: dict | None, batch: int) -> list[CacheList]:
+        """Per sequence its caches: the incoming ones, then those of the segments this call closes."""
+        log = self.opts.segments == "log"
+        lists = [CacheList(log) if incoming is None else
+                 CacheList(log, int(incoming["units"]), list(incoming["ids"]), list(incoming["caches"][s].unbind(0)),
+                           list(incoming["sums"][s].unbind(0)),
+                           list(incoming["transitions"][s].unbind(0)) if self._composed else [])
+                 for s in range(len(segs.closed))]
+        compose = _compose if self._composed else None
+        full, sequence, sums = segs.full.tolist(), segs.sequence.tolist(), sums.unbind(0)
+        for i in range(len(full)):
+            if full[i]:
+                lists[sequence[i]].close(ends[i], sums[i], None if unit_t is None else unit_t[i], compose)
+        return lists
 
-    def _aggregate(self, q: torch.Tensor, online: torch.Tensor, counts: list[int], pools: list, running: torch.Tensor,
+    def _aggregate(self, q: torch.Tensor, online: torch.Tensor, lists: list[CacheList], running: torch.Tensor,
                    segs: Segments, n_old: int, x: torch.Tensor, read: Any) -> torch.Tensor:
         """``γ_on · online + read(γ, visible, offsets)`` per token ``[1, N, H, V]`` (γ by the aggregation):
-        ``counts`` caches per sequence, ``n_old`` of them from before this call."""
+        ``n_old`` caches per sequence from before this call."""
+        counts = [len(c.ids) for c in lists]
         visible = (n_old + segs.ordinal[segs.token_segment])[None]  # caches closed before each token's segment
         if max(counts) == 0:
             return online
+        width = max(counts)
+        member = None
+        if self.opts.segments == "log":  # the Fenwick caches of the token's segment among the visible ones
+            ids = torch.tensor([c.ids + [-2] * (width - len(c.ids)) for c in lists], device=q.device)
+            seq_of_token = segs.sequence[segs.token_segment]
+            before = torch.tensor([c.units - c_closed for c, c_closed in zip(lists, segs.closed)], device=q.device)
+            member = members(before[seq_of_token] + segs.ordinal[segs.token_segment], ids[seq_of_token])
+            member = member[None, :, None, :]
         if self.opts.aggregation == "residual":
-            gamma_on, gamma = online.new_ones(online.shape[:3]), q.new_ones(*q.shape[:3], max(counts))
+            gamma_on, gamma = online.new_ones(online.shape[:3]), q.new_ones(*q.shape[:3], width)
+            if member is not None:
+                gamma = gamma * member
         else:
-            gamma_on, gamma = self._gates(q, pools, running, segs, visible, x, max(counts))
+            pools = [torch.stack(c.pools(self.opts.segment_size, self.opts.pool == "mean")) if c.ids else None
+                     for c in lists]
+            gamma_on, gamma = self._gates(q, pools, running, segs, visible, x, width, member)
         offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=q.device)
         return gamma_on[..., None].to(online.dtype) * online + read(gamma.to(q.dtype), visible, offsets)
 
     def _gates(self, q: torch.Tensor, pools: list, running: torch.Tensor, segs: Segments, visible: torch.Tensor,
-               x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """γ: a softmax of ``⟨u_t, p⟩`` over the online summary and the visible (for ssc: the ``top_k``
-        selected) caches' summaries. Returns ``(γ_on [1, N, H], γ [1, N, H, width])``."""
+               x: torch.Tensor, width: int, member: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ: a softmax of ``⟨u_t, p⟩`` over the online summary and the visible (log: the token's own; ssc: the
+        ``top_k`` selected among those) caches' summaries. Returns ``(γ_on [1, N, H], γ [1, N, H, width])``."""
         u = q if self.u_proj is None else heads(self.u_proj(x), self.key_dim).flatten(0, 1)[None]
         u = u.to(running.dtype)
         padded = torch.stack([F.pad(p, (0, 0, 0, 0, 0, width - p.shape[0])) if p is not None else
@@ -302,7 +357,11 @@ class MemoryCaching(DeepCaching, Mixer):
         seq_of_token = segs.sequence[segs.token_segment]
         score = torch.einsum("thk,tnhk->thn", u[0], padded[seq_of_token].to(u.dtype))[None]  # [1, N, H, width]
         score_on = (u * running).sum(-1)  # [1, N, H]
+        if member is not None:
+            score = score.masked_fill(~member, -torch.inf)
         keep = select_top_k(score, visible, self.opts.top_k if self.opts.aggregation == "ssc" else None)
+        if member is not None:
+            keep = keep & member
         score = score.masked_fill(~keep, -torch.inf)
         gamma = torch.cat([score_on[..., None], score], dim=-1).softmax(-1)
         return gamma[..., 0], gamma[..., 1:]
@@ -318,14 +377,19 @@ class MemoryCaching(DeepCaching, Mixer):
             out = out * (~segs.full[last]).to(out.dtype)[:, None, None, None]
         return out
 
-    def _next_state(self, segs: Segments, ends: list, sums: torch.Tensor, caches: list, pools: list,
-                    incoming: dict | None, seen: int, batch: int) -> dict[str, Any]:
-        """The caches, their summaries and the running segment's key sum, ``[B, n, ...]`` (rows share n)."""
+    def _next_state(self, segs: Segments, sums: torch.Tensor, lists: list[CacheList], unit_t: list | None, seen: int,
+                    batch: int, v_dim: int) -> dict[str, Any]:
+        """The caches a later token can read with their key sums and ids (rows share the ids), the segments
+        closed, the running segment's key sum (and, independent log, its transition)."""
         last = _last_segments(segs, batch)
         open_sum = torch.stack([sums[i] * (0.0 if segs.full[i] else 1.0) for i in last])
-        empty = (batch, 0, self.num_heads, self.key_dim)
-        return {
-            "caches": torch.stack(caches) if caches[0] is not None else sums.new_zeros(*empty, ends[0].shape[-1]),
-            "pools": torch.stack(pools) if pools[0] is not None else sums.new_zeros(*empty),
-            "pool_sum": open_sum, "count": seen % self.opts.segment_size,
-        }
+        alive = [c.alive() for c in lists]
+        empty = sums.new_zeros(batch, 0, self.num_heads, self.key_dim)
+        state = {"ids": tuple(alive[0].ids), "units": alive[0].units,
+                 "caches": _rows(alive, "states", empty[..., None].expand(*empty.shape, v_dim)),
+                 "sums": _rows(alive, "sums", empty), "pool_sum": open_sum, "count": seen % self.opts.segment_size}
+        if unit_t is not None:
+            state["transitions"] = _rows(alive, "transitions", empty[..., None].expand(*empty.shape, self.key_dim))
+            eye = torch.eye(self.key_dim, dtype=unit_t[0].dtype, device=unit_t[0].device)
+            state["transition"] = torch.stack([eye.expand_as(unit_t[i]) if segs.full[i] else unit_t[i] for i in last])
+        return state

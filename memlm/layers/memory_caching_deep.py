@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from memlm.kernels import cached_readout_mlp
 from memlm.kernels.cached_readout.retention import read_weights
 from memlm.kernels.deep_memory.mlp import memory_apply
+from memlm.layers.cache_list import CacheList
 from memlm.layers.neural_memory import per_document
 from memlm.layers.periodic import periodic_forward
 from memlm.layers.segments import cut
@@ -45,7 +46,8 @@ class DeepCaching:
 
     def _deep_initial(self, batch: int) -> dict[str, Any]:
         weights, momentum = self.base.initial_memory(batch)
-        return {"conv": (None, None, None), "weights": weights, "momentum": momentum, "caches": None, "pools": None}
+        return {"conv": (None, None, None), "weights": weights, "momentum": momentum, "caches": None, "sums": None,
+                "ids": (), "units": 0}
 
     def _deep_run(self, x: torch.Tensor, start: dict[str, Any], want_state: bool,
                   cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any] | None]:
@@ -77,25 +79,29 @@ class DeepCaching:
                    for s in range(len(lengths))]
             after = self.base.initial_memory(B) if want_state else None
         sums, running = self._pools(flat["k"], segs, None)
-        caches, pools, counts = self._deep_caches(start, new, sums, segs)
-        spec, depth = self.base.spec, len(self.base.memory_weights)
+        lists = self._deep_lists(start, new, sums, segs)
+        spec, empty = self.base.spec, [w[:0] for w in self.base.initial_memory(1)[0]]
+        caches = [_layers(c, empty) for c in lists]
 
         def read_caches(gamma: torch.Tensor, visible: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
             if self.opts.aggregation == "soup":
                 return self._soup(flat["q"], caches, gamma, visible, segs)
-            states = [torch.cat([c[layer] for c in caches])[None].to(q.dtype) for layer in range(depth)]
+            states = [torch.cat([c[layer] for c in caches])[None].to(q.dtype) for layer in range(len(empty))]
             return cached_readout_mlp(flat["q"], states, gamma, visible, spec, cu_seqlens=segs.seq_cu,
                                       cache_offsets=offsets)
 
-        n_old = 0 if start["caches"] is None else start["caches"][0].shape[1]
-        o = self._aggregate(flat["q"], o.reshape(flat["q"].shape), counts, pools, running, segs, n_old, x,
+        o = self._aggregate(flat["q"], o.reshape(flat["q"].shape), lists, running, segs, len(start["ids"]), x,
                             read_caches)
         y = self.base.output(o.view(B, T, *o.shape[2:]), x)
         if not want_state:
             return y, None
+        alive = [c.alive() for c in lists]
+        kept = [_layers(c, empty) for c in alive]
         return y, {"conv": convs, "weights": after[0], "momentum": after[1],
-                   "caches": [torch.stack([c[layer] for c in caches]) for layer in range(depth)],
-                   "pools": torch.stack(pools)}
+                   "caches": [torch.stack([c[layer] for c in kept]) for layer in range(len(empty))],
+                   "sums": torch.stack([torch.stack(c.sums) if c.sums else sums.new_zeros(0, *sums.shape[1:])
+                                        for c in alive]),
+                   "ids": tuple(alive[0].ids), "units": alive[0].units}
 
     def _soup(self, q: torch.Tensor, caches: list, gamma: torch.Tensor, visible: torch.Tensor, segs: Any
               ) -> torch.Tensor:
@@ -120,20 +126,28 @@ class DeepCaching:
         out, _ = memory_apply(q[0][:, :, None], linear, len(mixed), self.base.spec)  # [N, H, 1, D]
         return (total[..., None].to(out.dtype) * out[:, :, 0])[None]
 
-    def _deep_caches(self, start: dict[str, Any], new: list[list[torch.Tensor]], sums: torch.Tensor, segs: Any
-                     ) -> tuple[list, list, list[int]]:
-        """Per sequence its caches (a list of per-layer ``[n, H, a, b]``), their summaries ``[n, H, K]`` and counts."""
-        size = float(self.opts.segment_size) if self.opts.pool == "mean" else 1.0
-        full, sequence = segs.full.tolist(), segs.sequence.tolist()
-        caches, pools, counts = [], [], []
+    def _deep_lists(self, start: dict[str, Any], new: list[list[torch.Tensor]], sums: torch.Tensor, segs: Any
+                    ) -> list[CacheList]:
+        """Per sequence its caches: the incoming ones, then the segments this call closes (``new``: per sequence,
+        per layer ``[n, H, a, b]``)."""
+        log = self.opts.segments == "log"
+        full, sequence, sums = segs.full.tolist(), segs.sequence.tolist(), sums.unbind(0)
+        lists = []
         for s, layers in enumerate(new):
-            own = torch.stack([sums[i] / size for i in range(len(full)) if full[i] and sequence[i] == s]) \
-                if layers[0].shape[0] else sums.new_zeros(0, *sums.shape[1:])
+            c = CacheList(log)
             if start["caches"] is not None:
-                layers = [torch.cat([old[s].to(n.dtype), n]) for old, n in zip(start["caches"], layers)]
-                own = torch.cat([start["pools"][s].to(own.dtype), own])
-            caches.append(layers)
-            pools.append(own)
-            counts.append(layers[0].shape[0])
-        return caches, pools, counts
+                n = len(start["ids"])
+                c = CacheList(log, start["units"], list(start["ids"]),
+                              [[w[s, j] for w in start["caches"]] for j in range(n)], list(start["sums"][s].unbind(0)))
+            own = [i for i in range(len(full)) if full[i] and sequence[i] == s]
+            for j, i in enumerate(own):
+                c.close([w[j] for w in layers], sums[i])
+            lists.append(c)
+        return lists
 
+
+def _layers(caches: CacheList, empty: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One sequence's deep caches per layer, ``[n, H, a, b]``."""
+    if not caches.states:
+        return empty
+    return [torch.stack([state[layer] for state in caches.states]) for layer in range(len(empty))]

@@ -65,6 +65,13 @@ CASES: dict[str, dict] = {
                                             "base": {"name": "moneta", "chunk_size": 3, "gate_rank": 4}}},
     "mc-yaad-soup": {"mixer": {"name": "memory_caching", "segment_size": 4, "aggregation": "soup",
                                "base": {"name": "yaad", "chunk_size": 2, "gate_rank": 4}}},
+    "mc-gdn-log-grm": {"mixer": {"name": "memory_caching", "base": "gated_deltanet", "segment_size": 2,
+                                 "segments": "log"}},
+    "mc-deltanet-log-independent-ssc": {"mixer": {"name": "memory_caching", "base": "delta_net", "segment_size": 2,
+                                                  "segments": "log", "segment_init": "independent",
+                                                  "aggregation": "ssc", "top_k": 1}},
+    "mc-titans-log-soup": {"mixer": {"name": "memory_caching", "segment_size": 2, "segments": "log",
+                                     "aggregation": "soup", "base": {"name": "titans_memory", "chunk_size": 2}}},
     "mac-yaad": {"mixer": {"name": "titans_mac", "segment_size": 6, "memory": {"name": "yaad", "chunk_size": 4},
                            "attention": {"name": "attention", "num_persistent": 2}, "normalize_attention": True}},
 }
