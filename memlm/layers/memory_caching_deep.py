@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from memlm.kernels import cached_readout_mlp
+from memlm.kernels.cached_readout.layout import pad_rows, unpad_rows
 from memlm.kernels.cached_readout.retention import read_weights
 from memlm.kernels.deep_memory.mlp import memory_apply
 from memlm.layers.cache_list import CacheList
@@ -107,24 +108,26 @@ class DeepCaching:
               ) -> torch.Tensor:
         """Memory soup over the caches: per token one memory whose weights are the γ-weighted mean of the visible
         caches' weights, read once and scaled by their total weight, ``(Σ_i γ_i) · M_{Σ_i γ_i W^{(i)} / Σ_i γ_i}(q_t)``
-        (for a matrix memory exactly the grm read). ``[1, N, H, D]``; it materialises one set of weights per
-        token and head."""
+        (for a matrix memory exactly the grm read). ``[1, N, H, D]``. Each layer's product with the mixed weights
+        is the mix of the products, ``h W_t = Σ_i s_{t,i} (h W^{(i)})``, so no token's weights are formed."""
         width = gamma.shape[-1]
         read = [read_weights(self.base.spec, c) for c in caches]  # per sequence, per layer [n, H, a, b]
-        seq = segs.sequence[segs.token_segment]
         weights = gamma[0] * (torch.arange(width, device=q.device) < visible[0, :, None])[:, None, :]  # [N, H, width]
         total = weights.sum(-1)  # [N, H]
         share = weights / total.clamp_min(torch.finfo(total.dtype).tiny)[..., None]
-        mixed = []
-        for layer in range(len(self.base.memory_weights)):
-            padded = torch.stack([F.pad(r[layer], (0, 0, 0, 0, 0, 0, 0, width - r[layer].shape[0])) for r in read])
-            mixed.append(torch.einsum("thn,tnhab->thab", share.to(padded.dtype), padded[seq]).to(q.dtype))
+        starts, lengths = segs.seq_cu[:-1], segs.seq_cu[1:] - segs.seq_cu[:-1]
+        rows = int(lengths.max())
+        q_rows = pad_rows(q[0], starts, lengths, rows)  # [S, L, H, D]
+        share_rows = pad_rows(share, starts, lengths, rows).to(q.dtype)  # [S, L, H, width]
+        layers = [torch.stack([F.pad(r[layer], (0, 0, 0, 0, 0, 0, 0, width - r[layer].shape[0])) for r in read])
+                  .to(q.dtype) for layer in range(len(self.base.memory_weights))]  # [S, width, H, a, b]
 
         def linear(layer: int, h: torch.Tensor) -> torch.Tensor:
-            return h @ mixed[layer]  # [N, H, 1, a] @ [N, H, a, b]
+            each = torch.einsum("slha,snhab->slnhb", h, layers[layer])
+            return torch.einsum("slnhb,slhn->slhb", each, share_rows)
 
-        out, _ = memory_apply(q[0][:, :, None], linear, len(mixed), self.base.spec)  # [N, H, 1, D]
-        return (total[..., None].to(out.dtype) * out[:, :, 0])[None]
+        out, _ = memory_apply(q_rows, linear, len(layers), self.base.spec)  # [S, L, H, D]
+        return (total[..., None].to(out.dtype) * unpad_rows(out, lengths))[None]
 
     def _deep_lists(self, start: dict[str, Any], new: list[list[torch.Tensor]], sums: torch.Tensor, segs: Any
                     ) -> list[CacheList]:
