@@ -64,11 +64,13 @@ class DeepCaching:
             memory = per_document((start["weights"], start["momentum"]), cu_seqlens)
             if max(lengths) < size:  # no segment closes: the base's own call (and kernel path)
                 o, final = self.base.write_read(q, k, v, gates, memory, want_state, cu_seqlens)
-                new = [[w[:0] for w in memory[0]] for _ in lengths]
+                new = [[] for _ in lengths]
             else:
                 o, final, ends = self.base.write_read(q, k, v, gates, memory, want_state, cu_seqlens,
                                                       states_every=size)
-                new = [[a[n, :c] for a in ends.A] for n, c in enumerate(ends.counts.tolist())]
+                # unbound, not indexed: each index's backward zero-fills a gradient the size of the whole tensor
+                rows = [[row.unbind(0) for row in a.unbind(0)] for a in ends.A]  # per layer, per sequence, per cache
+                new = [[[layer[n][j] for layer in rows] for j in range(c)] for n, c in enumerate(ends.counts.tolist())]
             after = final
         else:  # every segment from the initial state, as packed documents
             n_seg = segs.sequence.numel()
@@ -76,7 +78,8 @@ class DeepCaching:
             o, finals = self.base.write_read(flat["q"], flat["k"], flat["v"], flat_gates,
                                              self.base.initial_memory(n_seg), True, segs.cu_seqlens)
             full, sequence = segs.full.tolist(), segs.sequence.tolist()
-            new = [[a[[i for i in range(n_seg) if full[i] and sequence[i] == s]] for a in finals[0]]
+            each = [a.unbind(0) for a in finals[0]]
+            new = [[[layer[i] for layer in each] for i in range(n_seg) if full[i] and sequence[i] == s]
                    for s in range(len(lengths))]
             after = self.base.initial_memory(B) if want_state else None
         sums, running = self._pools(flat["k"], segs, None)
@@ -129,22 +132,22 @@ class DeepCaching:
         out, _ = memory_apply(q_rows, linear, len(layers), self.base.spec)  # [S, L, H, D]
         return (total[..., None].to(out.dtype) * unpad_rows(out, lengths))[None]
 
-    def _deep_lists(self, start: dict[str, Any], new: list[list[torch.Tensor]], sums: torch.Tensor, segs: Any
+    def _deep_lists(self, start: dict[str, Any], new: list[list[list[torch.Tensor]]], sums: torch.Tensor, segs: Any
                     ) -> list[CacheList]:
         """Per sequence its caches: the incoming ones, then the segments this call closes (``new``: per sequence,
-        per layer ``[n, H, a, b]``)."""
+        per cache, per layer ``[H, a, b]``)."""
         log = self.opts.segments == "log"
         full, sequence, sums = segs.full.tolist(), segs.sequence.tolist(), sums.unbind(0)
         lists = []
-        for s, layers in enumerate(new):
+        for s, closed in enumerate(new):
             c = CacheList(log)
             if start["caches"] is not None:
-                n = len(start["ids"])
-                c = CacheList(log, start["units"], list(start["ids"]),
-                              [[w[s, j] for w in start["caches"]] for j in range(n)], list(start["sums"][s].unbind(0)))
+                old = [w[s].unbind(0) for w in start["caches"]]
+                c = CacheList(log, start["units"], list(start["ids"]), [list(layers) for layers in zip(*old)],
+                              list(start["sums"][s].unbind(0)))
             own = [i for i in range(len(full)) if full[i] and sequence[i] == s]
-            for j, i in enumerate(own):
-                c.close([w[j] for w in layers], sums[i])
+            for state, i in zip(closed, own):
+                c.close(state, sums[i])
             lists.append(c)
         return lists
 
