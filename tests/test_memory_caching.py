@@ -259,3 +259,19 @@ def test_deep_memory_options_are_checked(spec: dict, message: str) -> None:
         MemLMForCausalLM(MemLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_heads=2,
                                      mixer={"name": "memory_caching", "base": TITANS, **spec}))
     assert message in str(err.value)
+
+
+def test_cost_benchmark_runs_every_read_against_its_base() -> None:
+    """``benchmarks/memory_caching_cost.py --quick``: one row per base and read, each with a positive time and
+    its ratio to the base measured in the same run (the base's own ratio is 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_caching_cost.py"
+    spec = importlib.util.spec_from_file_location("memory_caching_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [line.split("|")[1:-1] for line in bench.main(["--quick"]).splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 2 * (1 + len(bench.READS))
+    for _base, read, seconds, _, ratio in rows:
+        assert float(seconds) > 0 and (float(ratio) == 1.0 if read.strip() == "base" else float(ratio) > 0)
