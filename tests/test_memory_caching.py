@@ -107,6 +107,18 @@ def test_log_grm_gates_over_the_binary_split_with_group_means() -> None:
         torch.testing.assert_close(got[0, t], (gamma[..., None] * torch.stack(reads)).sum(0), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("base", ["gated_deltanet", {"name": "titans_memory", "chunk_size": 2}])
+def test_the_gate_projection_gets_a_gradient_before_any_cache(base: object) -> None:
+    """A step whose sequences close no segment still takes W_u into its graph (a zero gradient), as
+    DistributedDataParallel needs, and its output is the base's exactly."""
+    m = _mixer(base=base, segment_size=32).train()
+    x = torch.randn(2, 19, 32)
+    y = m(x)[0]
+    assert torch.equal(y, m.base(x)[0])
+    y.sum().backward()
+    assert m.u_proj.weight.grad is not None and not m.u_proj.weight.grad.any()
+
+
 def test_soup_is_grm_and_ssc_with_every_cache_is_grm_for_a_matrix_memory() -> None:
     x = torch.randn(2, 23, 32)
     grm = _mixer(aggregation="grm", segment_size=3)(x)[0]

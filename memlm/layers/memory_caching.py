@@ -326,7 +326,12 @@ class MemoryCaching(DeepCaching, Mixer):
         counts = [len(c.ids) for c in lists]
         visible = (n_old + segs.ordinal[segs.token_segment])[None]  # caches closed before each token's segment
         if max(counts) == 0:
-            return online
+            if self.u_proj is None or not torch.is_grad_enabled():
+                return online
+            # γ_on = 1, a softmax over one score, taken through W_u so that every training step's graph uses it
+            # (DistributedDataParallel requires each parameter to get a gradient; here a zero one)
+            gamma_on, _ = self._gates(q, [None] * len(lists), running, segs, visible, x, 0, None)
+            return gamma_on[..., None].to(online.dtype) * online
         width = max(counts)
         member = None
         if self.opts.segments == "log":  # the Fenwick caches of the token's segment among the visible ones
