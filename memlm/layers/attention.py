@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.layers.mixer import Mixer
-from memlm.layers.packing import document_ids, document_positions
+from memlm.layers.packing import document_ids
 from memlm.layers.registry import register_mixer
-from memlm.layers.rotary import rotary
+from memlm.layers.rotary import apply_rotary, rotation
 
 AttentionState = tuple[torch.Tensor, torch.Tensor, int]
 
@@ -109,8 +109,8 @@ class Attention(Mixer):
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q_pos = document_positions(seqlen, cu_seqlens, seen, x.device)
-        q, k = rotary(q, q_pos, self.rope_theta), rotary(k, q_pos, self.rope_theta)
+        cos_sin = rotation(seqlen, cu_seqlens, seen, self.head_dim, self.rope_theta, x.device)
+        q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
         if past_k is not None:
             k, v = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
         new_state = None
@@ -118,25 +118,31 @@ class Attention(Mixer):
             keep = k.shape[1] if self.window_size is None else min(k.shape[1], self.window_size)
             new_state = (k[:, -keep:], v[:, -keep:], seen + seqlen)
 
+        single = seqlen == 1 and cu_seqlens is None  # one query sees every key it is given: no mask
+        if single and self.window_size is not None:
+            k, v = k[:, -self.window_size:], v[:, -self.window_size:]
         plain_causal = past_k is None and self.window_size is None and cu_seqlens is None
         mask = None
-        if not plain_causal:
+        if not (plain_causal or single):
             if cu_seqlens is not None:
                 mask = self._mask(torch.arange(seqlen, device=x.device), torch.arange(seqlen, device=x.device),
                                   cu_seqlens)
             else:
+                q_pos = torch.arange(seen, seen + seqlen, device=x.device)
                 k_pos = torch.arange(seen + seqlen - k.shape[1], seen + seqlen, device=x.device)
                 mask = self._mask(q_pos, k_pos, None)
         if self.num_persistent:
             pk = self.persistent_k.to(k.dtype).expand(batch, -1, -1, -1)
             pv = self.persistent_v.to(v.dtype).expand(batch, -1, -1, -1)
             k, v = torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)
-            if mask is None:
-                mask = self._mask(q_pos, q_pos, None)
-            mask = torch.cat([mask.new_ones(seqlen, self.num_persistent), mask], dim=1)
+            if mask is None and not single:
+                pos = torch.arange(seqlen, device=x.device)
+                mask = self._mask(pos, pos, None)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(seqlen, self.num_persistent), mask], dim=1)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads,
+            attn_mask=mask, is_causal=mask is None and not single, enable_gqa=self.num_kv_heads != self.num_heads,
         )
         o = o.transpose(1, 2).reshape(batch, seqlen, self.num_heads * self.head_dim)
         return self.o_proj(o), new_state

@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from memlm.layers.linear_common import MixerCall, MultiHeadLinearAttention, MultiHeadOptions
-from memlm.layers.packing import document_positions
 from memlm.layers.registry import register_mixer
-from memlm.layers.rotary import rotary
+from memlm.layers.rotary import apply_rotary, rotation
 
 ROPE_THETA = 10000.0
 
@@ -40,6 +39,6 @@ class MultiScaleRetention(MultiHeadLinearAttention):
     def decay(
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: MixerCall
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        pos = document_positions(x.shape[1], call.cu_seqlens, call.seen, x.device)
+        cos_sin = rotation(x.shape[1], call.cu_seqlens, call.seen, self.head_k_dim, ROPE_THETA, x.device)
         g = retention_log_decay(self.num_heads, x.device).expand(*x.shape[:2], -1).contiguous()
-        return rotary(q, pos, ROPE_THETA), rotary(k, pos, ROPE_THETA), {"g": g}
+        return apply_rotary(q, cos_sin), apply_rotary(k, cos_sin), {"g": g}
