@@ -114,6 +114,21 @@ def test_matches_naive(loop, name):
     )
 
 
+@pytest.mark.parametrize("T", [13, 3])
+def test_without_a_backward_no_tape_and_the_same_outputs(loop, T):
+    """Under ``no_grad`` the loop keeps no tape (the compiled one a two-chunk workspace, the PyTorch one nothing)
+    and returns the outputs and final states of a differentiable call, bit for bit."""
+    x = make_inputs(1, T, 2, 4, **CONFIGS["titans"], n_state=2)
+    kw = dict(chunk_size=3, output_final_state=True, cu_seqlens=torch.tensor([0, T // 2, T]))
+    o, (W, S) = with_spec(loop, *x["args"], initial_momentum=x["s0"], **kw)
+    assert o.grad_fn is not None
+    with torch.no_grad():
+        o_ng, (W_ng, S_ng) = with_spec(loop, *x["args"], initial_momentum=x["s0"], **kw)
+    assert o_ng.grad_fn is None
+    for a, b in zip([o, *W, *S], [o_ng, *W_ng, *S_ng]):
+        assert torch.equal(a.detach(), b)
+
+
 def as_float32(x: dict) -> dict:
     """The inputs of :func:`make_inputs` in float32, fresh leaves."""
     cast = [t.detach().float().requires_grad_() for t in x["leaves"]]

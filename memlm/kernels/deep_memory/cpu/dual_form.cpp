@@ -453,14 +453,17 @@ torch::Tensor state_view(const torch::Tensor& tape, const Tape& t, int l) {
 
 // Forward of DualFormChunks: (o, W_final…, S_final…, tape) with tape [C, NH, Tape::size] every chunk's start state
 // and what the backward needs. `in` = (q, k, v, β, d, G, β_b, d_b, m_b, G_b, n_b), contiguous.
+// Without ``keep_tape`` (nothing will call the backward) the tape is a workspace of two chunks per head, each chunk
+// writing the next one's start state into the other slot, freed on return: no pool block outlives the call.
 std::vector<torch::Tensor> dual_form_forward(std::vector<torch::Tensor> in, std::vector<torch::Tensor> W,
-                                             std::vector<torch::Tensor> S, bool residual, bool norm) {
+                                             std::vector<torch::Tensor> S, bool residual, bool norm, bool keep_tape) {
   const int64_t C = in[0].size(0), NH = in[0].size(1);
   const int b = int(in[0].size(2)), D = int(in[0].size(3));
   const Tape t(b, layer_dims(W), norm);
   const Options opt{residual, norm};
   auto o = torch::empty_like(in[0]);
-  auto tape = pooled({C, NH, t.size}, in[0].options());
+  const int64_t slots = keep_tape ? C : std::min<int64_t>(C, 2);
+  auto tape = keep_tape ? pooled({C, NH, t.size}, in[0].options()) : torch::empty({slots, NH, t.size}, in[0].options());
   std::vector<torch::Tensor> final_state;
   for (size_t l = 0; l < W.size(); ++l) {
     final_state.push_back(torch::empty({NH, 2 * W[l].size(1), W[l].size(2)}, in[0].options()));
@@ -473,10 +476,11 @@ std::vector<torch::Tensor> dual_form_forward(std::vector<torch::Tensor> in, std:
       std::vector<scalar_t*> P_next(t.L);
       for (int64_t n = lo; n < hi; ++n)
         for (int64_t c = 0; c < C; ++c) {
-          scalar_t* here = tape.data_ptr<scalar_t>() + (c * NH + n) * t.size;
+          scalar_t* here = tape.data_ptr<scalar_t>() + ((c % slots) * NH + n) * t.size;
+          scalar_t* next = tape.data_ptr<scalar_t>() + (((c + 1) % slots) * NH + n) * t.size;
           for (int l = 1; l <= t.L; ++l) {
             P[l - 1] = here + t.P[l];
-            P_next[l - 1] = c + 1 < C ? here + NH * t.size + t.P[l] : final_state[l - 1][n].data_ptr<scalar_t>();
+            P_next[l - 1] = c + 1 < C ? next + t.P[l] : final_state[l - 1][n].data_ptr<scalar_t>();
           }
           forward_chunk(t, opt, chunk_inputs<scalar_t>(in, c, n, NH, b, D), P, P_next, here,
                         o.data_ptr<scalar_t>() + (c * NH + n) * b * D, s);
@@ -486,7 +490,7 @@ std::vector<torch::Tensor> dual_form_forward(std::vector<torch::Tensor> in, std:
   std::vector<torch::Tensor> result{o};
   for (auto& st : final_state) result.push_back(st.unflatten(1, {2, -1}).select(1, 0));
   for (auto& st : final_state) result.push_back(st.unflatten(1, {2, -1}).select(1, 1));
-  result.push_back(tape);
+  result.push_back(keep_tape ? tape : torch::Tensor());
   return result;
 }
 

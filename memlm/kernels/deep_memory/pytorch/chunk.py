@@ -247,7 +247,9 @@ def deep_memory_chunk(
         coef, end = (type(c)(*(x.to(q.dtype) for x in c)) for c in (coef, end))
         per_head = [x.squeeze(3) for x in (coef.beta, coef.d, coef.G, end.beta, end.d, end.m, end.G, end.n)]
         major = [x.movedim(2, 0).flatten(1, 2) for x in (Q, K, V, *per_head)]
-        o, *state = LOOPS[loop].apply(spec, *major, *(t.flatten(0, 1) for t in (*A, *S)))
+        inputs = [*major, *(t.flatten(0, 1) for t in (*A, *S))]
+        keep_tape = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)  # a backward can follow
+        o, *state = LOOPS[loop].apply(spec, keep_tape, *inputs)
         o = o.unflatten(1, (N, H)).movedim(0, 2)  # [N, H, n_chunks, b, D]
         A, S = ([t.unflatten(0, (N, H)) for t in half] for half in (state[:depth], state[depth:]))
     else:

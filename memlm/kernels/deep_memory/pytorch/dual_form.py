@@ -300,10 +300,10 @@ class DualFormChunks(torch.autograd.Function):
     """The chunked op on chunk-major inputs: ``q, k, v: [C, NH, b, D]``, coefficients ``β, d: [C, NH, b]``,
     ``G: [C, NH, b, b]``, closing rows ``β_b, d_b, m_b: [C, NH]``, ``G_b, n_b: [C, NH, b]`` and start
     states ``W_l, S_l: [NH, d_{l−1}, d_l]``. Returns the outputs ``[C, NH, b, D]`` and the final
-    ``W_l``, ``S_l``."""
+    ``W_l``, ``S_l``. ``keep_tape``: whether a backward can follow; without it no chunk's tape is kept."""
 
     @staticmethod
-    def forward(ctx: Any, spec: MemorySpec, q, k, v, *coefficients_and_state):
+    def forward(ctx: Any, spec: MemorySpec, keep_tape: bool, q, k, v, *coefficients_and_state):
         ctx.spec = spec
         coef, state = _coefficients(*coefficients_and_state[:8]), coefficients_and_state[8:]
         q, k, v = (t.contiguous() for t in (q, k, v))
@@ -314,13 +314,14 @@ class DualFormChunks(torch.autograd.Function):
             keys = _keys(kc, vc, [b[:, 0] for b in blocks], spec)
             o, read = _read(qc, [_flat(b) for b in blocks], keys, bd, G, spec)
             outputs.append(o)
-            tapes.append((blocks, keys, read))
+            if keep_tape:
+                tapes.append((blocks, keys, read))
             blocks = [
                 _update(b, _scaled(x, Gn), err, decay, d_end) for b, x, err in zip(blocks, keys.trace.inputs, keys.err)
             ]
-        # every chunk's tape has one structure: save the leaves, rebuild chunk by chunk in the backward
-        ctx.skeleton = _skeleton(tapes[0])
-        ctx.save_for_backward(*coef, *(leaf for tape in tapes for leaf in _leaves(tape)))
+        if keep_tape:  # every chunk's tape has one structure: save the leaves, rebuild chunk by chunk in the backward
+            ctx.skeleton = _skeleton(tapes[0])
+            ctx.save_for_backward(*coef, *(leaf for tape in tapes for leaf in _leaves(tape)))
         return torch.stack(outputs), *[b[:, 0].clone() for b in blocks], *[b[:, 1].clone() for b in blocks]
 
     @staticmethod
@@ -345,7 +346,7 @@ class DualFormChunks(torch.autograd.Function):
         dq, dk, d_out, d_bd, hxE, inner, neg_d_closing = (torch.stack(g[::-1]) for g in zip(*grads))
         d_closing = neg_d_closing.neg_()
         return (
-            None, dq, dk, d_out.neg_(), d_bd[..., 0], d_bd[..., 1], hxE.neg_(),
+            None, None, dq, dk, d_out.neg_(), d_bd[..., 0], d_bd[..., 1], hxE.neg_(),
             inner[..., 0, 0], inner[..., 0, 1], inner[..., 1, 1], d_closing[..., 0], d_closing[..., 1],
             *[dp[:, 0] for dp in carry], *[dp[:, 1] for dp in carry],
         )  # fmt: skip
