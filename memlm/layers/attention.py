@@ -1,8 +1,9 @@
 """Causal softmax attention: SDPA, RoPE, grouped-query heads, optional sliding window and
 learned persistent memory (Titans §3.3: ``N_p`` position-free key/value slots every query sees).
 
-Decoding state: ``(k, v, seen)`` — the cached keys/values (the last ``window_size`` only, for
-a sliding window) and the number of tokens consumed so far.
+Decoding state: ``(k, v, seen, growth)`` — the cached keys/values and the number of tokens consumed so far:
+for global attention a growing buffer (``layers/kv_cache.py``, valid rows ``[:seen]``), for a sliding window
+exactly its last ``window_size`` keys (``growth`` None).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm.layers.kv_cache import Growth, append
 from memlm.layers.mixer import Mixer
 from memlm.layers.packing import document_ids
 from memlm.layers.registry import register_mixer
 from memlm.layers.rotary import apply_rotary, rotation
 
-AttentionState = tuple[torch.Tensor, torch.Tensor, int]
+AttentionState = tuple[torch.Tensor, torch.Tensor, int, Growth | None]
 
 
 @register_mixer("attention")
@@ -103,7 +105,7 @@ class Attention(Mixer):
         batch, seqlen, _ = x.shape
         if cu_seqlens is not None and (state is not None or use_cache):
             raise ValueError("attention: cu_seqlens (packed documents) cannot be combined with a decoding cache")
-        past_k, past_v, seen = state if state is not None else (None, None, 0)
+        past_k, past_v, seen, growth = state if state is not None else (None, None, 0, None)
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
@@ -111,12 +113,17 @@ class Attention(Mixer):
             q, k = self.q_norm(q), self.k_norm(k)
         cos_sin = rotation(seqlen, cu_seqlens, seen, self.head_dim, self.rope_theta, x.device)
         q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
-        if past_k is not None:
-            k, v = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
         new_state = None
-        if use_cache:
-            keep = k.shape[1] if self.window_size is None else min(k.shape[1], self.window_size)
-            new_state = (k[:, -keep:], v[:, -keep:], seen + seqlen)
+        if self.window_size is None and (use_cache or past_k is not None):
+            k, v, buffer = append(None if past_k is None else (past_k, past_v, growth), seen, k, v)
+            new_state = (buffer[0], buffer[1], seen + seqlen, buffer[2])
+        elif past_k is not None or use_cache:
+            if past_k is not None:
+                k, v = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+            keep = min(k.shape[1], self.window_size)
+            new_state = (k[:, -keep:], v[:, -keep:], seen + seqlen, None)
+        if not use_cache:
+            new_state = None
 
         single = seqlen == 1 and cu_seqlens is None  # one query sees every key it is given: no mask
         if single and self.window_size is not None:
