@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.kernels import deep_memory
+from memlm.kernels.deep_memory import step
 from memlm.kernels.deep_memory.mlp import ACTIVATIONS, memory_apply, weight_linear
 from memlm.kernels.deep_memory.objectives import (
     BIASES,
@@ -56,7 +57,6 @@ from memlm.layers.conv import ShortConvolution
 from memlm.layers.gates import GateProjection
 from memlm.layers.mixer import Mixer
 from memlm.layers.norm import GatedRMSNorm
-from memlm.layers.periodic import periodic_forward
 from memlm.layers.registry import register_mixer
 
 Gates = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]  # θ, η, α, δ
@@ -289,11 +289,17 @@ class NeuralMemory(MemoryParameters, Mixer):
         if self.opts.num_persistent:
             init.normal_(self.persistent_tokens, mean=0.0, std=std)
 
-    def state_size(self, seq_len: int) -> int:
+    def memory_state_size(self) -> int:
+        """The memory ``(W, S)`` and the convolution tails: what a period-start state holds (MAC's)."""
         per_layer = sum(w[0].numel() for w in self.memory_weights)
         momentum = per_layer if self.opts.momentum else 0
         conv = 3 * (self.opts.conv_size - 1) * self.num_heads * self.head_dim if self.opts.short_conv else 0
         return self.num_heads * (per_layer + momentum) + conv
+
+    def state_size(self, seq_len: int) -> int:
+        """The decoding carry: the memory, and the weights the last token read with and the chunk's gradients
+        are taken at (``kernels/deep_memory/step.py``)."""
+        return self.memory_state_size() + 2 * self.num_heads * sum(w[0].numel() for w in self.memory_weights)
 
     # --- the pieces (MAC reuses them on two streams) ------------------------------------------
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -378,5 +384,37 @@ class NeuralMemory(MemoryParameters, Mixer):
             if state is not None or use_cache:
                 raise ValueError("titans_memory: cu_seqlens (packed documents) cannot be combined with a cache")
             return self._run(x, self._initial_base(1), False, cu_seqlens)[0], None
-        return periodic_forward(self._run, x, state, use_cache, self.opts.chunk_size,
-                                lambda: self._initial_base(x.shape[0]))
+        if state is None and not use_cache:
+            return self._run(x, self._initial_base(x.shape[0]), False)[0], None
+        y, state = self._decode(x, state)
+        return y, state if use_cache else None
+
+    def _decode(self, x: torch.Tensor, state: dict[str, Any] | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """With a decoding state ``{"conv", "carry"}``: the tokens that finish the current chunk and those after the
+        last whole chunk advance the carry one at a time (``deep_memory_step``, O(1) each); whole chunks from a
+        chunk start run through the chunked op. The same outputs as one parallel pass (docs/design.md §3)."""
+        B, T = x.shape[:2]
+        chunk = self.opts.chunk_size
+        if state is None:
+            weights, momentum = self.initial_memory(B)
+            state = {"conv": (None, None, None), "carry": dict(vars(step.start(weights, momentum, self.spec, B)))}
+        conv, carry = state["conv"], step.Carry(**state["carry"])
+        head = min(T, (chunk - carry.position) % chunk)
+        full = (T - head) // chunk * chunk
+        outputs = []
+        for lo, hi in ((0, head), (head, head + full), (head + full, T)):
+            if lo == hi:
+                continue
+            xs = x[:, lo:hi]
+            q, k, v, gates, conv = self.project(xs, conv)
+            lr, eta, alpha, delta = (g.to(q.dtype) if g is not None else None for g in gates)
+            if carry.position == 0 and (hi - lo) % chunk == 0:  # whole chunks: the chunked op
+                weights, momentum = step.exchanged(carry, self.spec)
+                o, (weights, momentum) = self.write_read(q, k, v, gates, (weights, momentum), True)
+                carry = step.start(weights, momentum, self.spec, B)
+            else:
+                carry = step.Carry(*([t.to(q.dtype) for t in part] if isinstance(part, list) else part
+                                     for part in vars(carry).values()))
+                o = step.deep_memory_step(q, k, v, lr, eta, alpha, carry, self.spec, delta=delta)
+            outputs.append(self.output(o, xs))
+        return torch.cat(outputs, dim=1), {"conv": conv, "carry": dict(vars(carry))}

@@ -65,7 +65,7 @@ class MemoryAsContext(Mixer):
 
     def state_size(self, seq_len: int) -> int:
         kept = min(seq_len, self.segment_size)
-        return self.memory.state_size(seq_len) + self.attention.state_size(2 * kept)
+        return self.memory.memory_state_size() + self.attention.state_size(2 * kept)
 
     def _initial_base(self, batch: int) -> dict[str, Any]:
         weights, momentum = self.memory.initial_memory(batch)

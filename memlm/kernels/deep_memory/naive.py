@@ -13,10 +13,9 @@ import torch
 
 from .._common import segments
 from .checks import check_states_every
-from .mlp import memory_apply, weight_linear
-from .objectives import dual_state, exchanged_state
 from .spec import MemorySpec
-from .state import BoundaryStates, State, channel_axis, gates_or_defaults, initial_state, layer_slices
+from .state import BoundaryStates, State, channel_axis
+from .step import Carry, advance, exchanged, reader, start, token_gates
 
 
 def deep_memory_naive(
@@ -66,56 +65,37 @@ def deep_memory_naive(
     ``(o, final, boundary)`` with ``boundary`` a :class:`.state.BoundaryStates` (docs/design.md §3).
     """
     check_states_every(output_states_every, spec.chunk_size)
-    theta, eta, alpha = gates_or_defaults(lr, momentum, forget)
     widths = [w.shape[-1] for w in weights]
-    layer_gates = [layer_slices(channel_axis(g), widths) for g in (theta, eta, alpha)]  # [B, T, H, 1 | d_l]
-    psi, mirror, chunk_size, lag = spec.psi(), spec.mirror(), spec.chunk_size, spec.lag_token
-    depth = len(weights)
+    layer_gates = token_gates(lr, momentum, forget, widths)  # (θ, η, α) per layer [B, T, H, 1 | d_l]
+    M = reader(spec, len(weights))
     B, T = q.shape[:2]
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    A_all, S_all = initial_state(weights, initial_momentum, n_seq)
-    A_all = dual_state(spec.retention, A_all)
-
-    def M(x: torch.Tensor, W: Sequence[torch.Tensor]) -> torch.Tensor:
-        out, _ = memory_apply(x, weight_linear(W), depth, spec)
-        return out
+    carry_all = start(weights, initial_momentum, spec, n_seq)
 
     every = output_states_every
     spans = segments(cu_seqlens, T)
-    counts = [0 if every is None else (end - start) // every for start, end in spans]
+    counts = [0 if every is None else (end - start_) // every for start_, end in spans]
     outputs, finals_A, finals_S, bounds_A, bounds_S = [], [], [], [], []
-    for i, (start, end) in enumerate(spans):
+    for i, (start_, end) in enumerate(spans):
         rows = slice(None) if cu_seqlens is None else slice(i, i + 1)
         batch = slice(None) if cu_seqlens is None else slice(0, 1)
-        A = [a[rows] for a in A_all]
-        S = [s[rows] for s in S_all]
+        carry = Carry([a[rows] for a in carry_all.A], [s[rows] for s in carry_all.S])
         marks_A, marks_S = [], []  # the states after tokens e, 2e, … of this sequence
-        for t in range(start, end):
-            position = (t - start) % chunk_size
-            if position == 0:  # the weights this chunk's gradients are taken at: R(A_c), or after the lag token
-                W = W_c = [mirror(a) for a in A]
-            elif lag and position == 1:
-                W_c = W
+        for t in range(start_, end):
             k_t, v_t, q_t = (x[batch, t].unsqueeze(-2) for x in (k, v, q))
             delta_t = None if delta is None else channel_axis(delta)[batch, t, :, None]
-            m_t, vjp = torch.func.vjp(lambda *ws, k_t=k_t: M(k_t, ws), *W_c)
-            u = vjp(psi(m_t - v_t, v=v_t, delta=delta_t))
-            # per layer [N, H, 1, 1 | d_l]: one gate per column of W_l
-            theta_t, eta_t, alpha_t = ([g[batch, t, :, None] for g in per_layer] for per_layer in layer_gates)
-            S = [eta_l * s - theta_l * u_l for eta_l, theta_l, s, u_l in zip(eta_t, theta_t, S, u)]
-            A = [(1 - alpha_l) * a + s for alpha_l, a, s in zip(alpha_t, A, S)]
-            W = [(1 - alpha_l) * w + s for alpha_l, w, s in zip(alpha_t, W, S)]
-            if position == 0 if lag else position == chunk_size - 1:  # the exact step
-                W = [mirror(a) for a in A]
-            outputs.append(M(q_t, W).squeeze(-2))
-            if every is not None and (t - start + 1) % every == 0:
-                marks_A.append(exchanged_state(spec.retention, mirror, A))
+            gates_t = [[g[batch, t, :, None] for g in per_layer] for per_layer in layer_gates]
+            outputs.append(advance(carry, q_t, k_t, v_t, gates_t, delta_t, spec, M))
+            if every is not None and (t - start_ + 1) % every == 0:
+                A, S = exchanged(carry, spec)
+                marks_A.append(A)
                 marks_S.append(S)
-        finals_A.append(exchanged_state(spec.retention, mirror, A))
+        A, S = exchanged(carry, spec)
+        finals_A.append(A)
         finals_S.append(S)
         if every is not None:
-            bounds_A.append(_pad_marks(marks_A, A, max(counts)))
-            bounds_S.append(_pad_marks(marks_S, S, max(counts)))
+            bounds_A.append(_pad_marks(marks_A, carry.A, max(counts)))
+            bounds_S.append(_pad_marks(marks_S, carry.S, max(counts)))
 
     o = torch.stack(outputs, dim=1)
     final = ([torch.cat(a) for a in zip(*finals_A)], [torch.cat(s) for s in zip(*finals_S)])

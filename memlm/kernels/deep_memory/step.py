@@ -1,0 +1,99 @@
+"""The deep-memory recurrence one token at a time from a carried state: the definition (``naive.py`` runs its
+sequences through it) and exact O(1)-per-token decoding (docs/design.md §3).
+
+Inside a chunk every gradient is taken at the chunk-start weights ``W_c``, so a token's step needs only the
+carry ``(A, S, W, W_c, position)``: the dual state and momentum, the linearised weights the last token read
+with, the weights this chunk's gradients are taken at, and the token's place in its chunk. One gradient, one
+update, one read per token, whatever the position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .mlp import memory_apply, weight_linear
+from .objectives import dual_state, exchanged_state
+from .spec import MemorySpec
+from .state import channel_axis, gates_or_defaults, initial_state, layer_slices
+
+Read = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class Carry:
+    """``A``, ``S``, ``W``, ``W_c``: per layer ``[N, H, d_{l−1}, d_l]`` (``W``, ``W_c`` None at a chunk start,
+    where they are set from ``A``); ``position``: tokens already in the current chunk."""
+
+    A: list[torch.Tensor]
+    S: list[torch.Tensor]
+    W: list[torch.Tensor] | None = None
+    W_c: list[torch.Tensor] | None = None
+    position: int = 0
+
+
+def reader(spec: MemorySpec, depth: int) -> Read:
+    """``M_W(x)``: the memory's read with weights ``W``."""
+
+    def M(x: torch.Tensor, W: Sequence[torch.Tensor]) -> torch.Tensor:
+        return memory_apply(x, weight_linear(W), depth, spec)[0]
+
+    return M
+
+
+def advance(carry: Carry, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, gates_t: Sequence[list],
+            delta_t: torch.Tensor | None, spec: MemorySpec, M: Read) -> torch.Tensor:
+    """One token (``q_t, k_t, v_t``: ``[N, H, 1, D]``; ``gates_t``: ``(θ, η, α)`` per layer ``[N, H, 1, 1 | d_l]``):
+    updates ``carry`` in place and returns ``o_t = M_{W_t}(q_t)`` ``[N, H, D]`` (naive.py states the rule)."""
+    mirror, lag = spec.mirror(), spec.lag_token
+    if carry.position == 0:  # the weights this chunk's gradients are taken at: R(A_c), or after the lag token
+        carry.W = carry.W_c = [mirror(a) for a in carry.A]
+    elif lag and carry.position == 1:
+        carry.W_c = carry.W
+    m_t, vjp = torch.func.vjp(lambda *ws: M(k_t, ws), *carry.W_c)
+    u = vjp(spec.psi()(m_t - v_t, v=v_t, delta=delta_t))
+    theta_t, eta_t, alpha_t = gates_t
+    carry.S = [eta_l * s - theta_l * u_l for eta_l, theta_l, s, u_l in zip(eta_t, theta_t, carry.S, u)]
+    carry.A = [(1 - alpha_l) * a + s for alpha_l, a, s in zip(alpha_t, carry.A, carry.S)]
+    carry.W = [(1 - alpha_l) * w + s for alpha_l, w, s in zip(alpha_t, carry.W, carry.S)]
+    if carry.position == 0 if lag else carry.position == spec.chunk_size - 1:  # the exact step
+        carry.W = [mirror(a) for a in carry.A]
+    carry.position = (carry.position + 1) % spec.chunk_size
+    return M(q_t, carry.W).squeeze(-2)
+
+
+def token_gates(lr: torch.Tensor, momentum: torch.Tensor | None, forget: torch.Tensor | None,
+                widths: Sequence[int]) -> list[list[torch.Tensor]]:
+    """``(θ, η, α)``, each per layer ``[B, T, H, 1 | d_l]`` (one gate per column of ``W_l``)."""
+    return [layer_slices(channel_axis(g), widths) for g in gates_or_defaults(lr, momentum, forget)]
+
+
+def start(weights: Sequence[torch.Tensor], momentum: Sequence[torch.Tensor] | None, spec: MemorySpec, n: int
+          ) -> Carry:
+    """The carry at a chunk start from an exchanged state (the op's ``final_state``; ``momentum`` None: zeros)."""
+    A, S = initial_state(weights, momentum, n)
+    return Carry(dual_state(spec.retention, A), S)
+
+
+def exchanged(carry: Carry, spec: MemorySpec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The exchanged state ``(W or A, S)`` of the carry (the op's ``final_state`` after the same tokens)."""
+    return exchanged_state(spec.retention, spec.mirror(), carry.A), carry.S
+
+
+def deep_memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                     momentum: torch.Tensor | None, forget: torch.Tensor | None, carry: Carry, spec: MemorySpec,
+                     *, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """``T`` tokens of every row (``[B, T, H, D]``, gates as ``deep_memory``'s) from ``carry``, advanced in place:
+    ``o [B, T, H, D]``, the outputs :func:`..deep_memory` gives at those positions."""
+    widths = [a.shape[-1] for a in carry.A]
+    gates = token_gates(lr, momentum, forget, widths)
+    M = reader(spec, len(widths))
+    outputs = []
+    for t in range(q.shape[1]):
+        q_t, k_t, v_t = (x[:, t].unsqueeze(-2) for x in (q, k, v))
+        delta_t = None if delta is None else channel_axis(delta)[:, t, :, None]
+        gates_t = [[g[:, t, :, None] for g in per_layer] for per_layer in gates]
+        outputs.append(advance(carry, q_t, k_t, v_t, gates_t, delta_t, spec, M))
+    return torch.stack(outputs, dim=1)
