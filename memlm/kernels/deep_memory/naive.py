@@ -15,7 +15,7 @@ from .._common import segments
 from .checks import check_states_every
 from .spec import MemorySpec
 from .state import BoundaryStates, State, channel_axis
-from .step import Carry, advance, exchanged, reader, start, token_gates
+from .step import Carry, advance, exchanged, reader, start, token_gates, vjp_gradient
 
 
 def deep_memory_naive(
@@ -68,6 +68,7 @@ def deep_memory_naive(
     widths = [w.shape[-1] for w in weights]
     layer_gates = token_gates(lr, momentum, forget, widths)  # (θ, η, α) per layer [B, T, H, 1 | d_l]
     M = reader(spec, len(weights))
+    gradient = vjp_gradient(spec, M)
     B, T = q.shape[:2]
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     carry_all = start(weights, initial_momentum, spec, n_seq)
@@ -85,7 +86,7 @@ def deep_memory_naive(
             k_t, v_t, q_t = (x[batch, t].unsqueeze(-2) for x in (k, v, q))
             delta_t = None if delta is None else channel_axis(delta)[batch, t, :, None]
             gates_t = [[g[batch, t, :, None] for g in per_layer] for per_layer in layer_gates]
-            outputs.append(advance(carry, q_t, k_t, v_t, gates_t, delta_t, spec, M))
+            outputs.append(advance(carry, q_t, k_t, v_t, gates_t, delta_t, spec, M, gradient))
             if every is not None and (t - start_ + 1) % every == 0:
                 A, S = exchanged(carry, spec)
                 marks_A.append(A)

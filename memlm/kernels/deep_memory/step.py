@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .mlp import memory_apply, weight_linear
+from .mlp import memory_apply, memory_backward, weight_linear
 from .objectives import dual_state, exchanged_state
 from .spec import MemorySpec
 from .state import channel_axis, gates_or_defaults, initial_state, layer_slices
 
 Read = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+Gradient = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor], torch.Tensor | None], list[torch.Tensor]]
 
 
 @dataclass
@@ -43,8 +44,32 @@ def reader(spec: MemorySpec, depth: int) -> Read:
     return M
 
 
+def vjp_gradient(spec: MemorySpec, M: Read) -> Gradient:
+    """``u_t = (∂M/∂W)ᵀ ψ(M_{W_c}(k_t) − v_t)`` by ``torch.func.vjp`` of the read (the definition)."""
+
+    def gradient(k_t: torch.Tensor, v_t: torch.Tensor, W_c: Sequence[torch.Tensor], delta_t: torch.Tensor | None
+                 ) -> list[torch.Tensor]:
+        m_t, vjp = torch.func.vjp(lambda *ws: M(k_t, ws), *W_c)
+        return list(vjp(spec.psi()(m_t - v_t, v=v_t, delta=delta_t)))
+
+    return gradient
+
+
+def traced_gradient(spec: MemorySpec, depth: int) -> Gradient:
+    """The same ``u_t`` from the read's trace, ``u_l = h_{l−1}ᵀ Δ_l`` (``mlp.memory_backward``, the chunked paths'
+    chain rule): what decoding uses, without the functional transform's overhead."""
+
+    def gradient(k_t: torch.Tensor, v_t: torch.Tensor, W_c: Sequence[torch.Tensor], delta_t: torch.Tensor | None
+                 ) -> list[torch.Tensor]:
+        m_t, trace = memory_apply(k_t, weight_linear(W_c), depth, spec)
+        deltas = memory_backward(spec.psi()(m_t - v_t, v=v_t, delta=delta_t), W_c, trace, spec)
+        return [h.mT @ d for h, d in zip(trace.inputs, deltas)]
+
+    return gradient
+
+
 def advance(carry: Carry, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, gates_t: Sequence[list],
-            delta_t: torch.Tensor | None, spec: MemorySpec, M: Read) -> torch.Tensor:
+            delta_t: torch.Tensor | None, spec: MemorySpec, M: Read, gradient: Gradient) -> torch.Tensor:
     """One token (``q_t, k_t, v_t``: ``[N, H, 1, D]``; ``gates_t``: ``(θ, η, α)`` per layer ``[N, H, 1, 1 | d_l]``):
     updates ``carry`` in place and returns ``o_t = M_{W_t}(q_t)`` ``[N, H, D]`` (naive.py states the rule)."""
     mirror, lag = spec.mirror(), spec.lag_token
@@ -52,8 +77,7 @@ def advance(carry: Carry, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tenso
         carry.W = carry.W_c = [mirror(a) for a in carry.A]
     elif lag and carry.position == 1:
         carry.W_c = carry.W
-    m_t, vjp = torch.func.vjp(lambda *ws: M(k_t, ws), *carry.W_c)
-    u = vjp(spec.psi()(m_t - v_t, v=v_t, delta=delta_t))
+    u = gradient(k_t, v_t, carry.W_c, delta_t)
     theta_t, eta_t, alpha_t = gates_t
     carry.S = [eta_l * s - theta_l * u_l for eta_l, theta_l, s, u_l in zip(eta_t, theta_t, carry.S, u)]
     carry.A = [(1 - alpha_l) * a + s for alpha_l, a, s in zip(alpha_t, carry.A, carry.S)]
@@ -89,11 +113,11 @@ def deep_memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     ``o [B, T, H, D]``, the outputs :func:`..deep_memory` gives at those positions."""
     widths = [a.shape[-1] for a in carry.A]
     gates = token_gates(lr, momentum, forget, widths)
-    M = reader(spec, len(widths))
+    M, gradient = reader(spec, len(widths)), traced_gradient(spec, len(widths))
     outputs = []
     for t in range(q.shape[1]):
         q_t, k_t, v_t = (x[:, t].unsqueeze(-2) for x in (q, k, v))
         delta_t = None if delta is None else channel_axis(delta)[:, t, :, None]
         gates_t = [[g[:, t, :, None] for g in per_layer] for per_layer in gates]
-        outputs.append(advance(carry, q_t, k_t, v_t, gates_t, delta_t, spec, M))
+        outputs.append(advance(carry, q_t, k_t, v_t, gates_t, delta_t, spec, M, gradient))
     return torch.stack(outputs, dim=1)
