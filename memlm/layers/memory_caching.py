@@ -162,7 +162,8 @@ class MemoryCaching(DeepCaching, Mixer):
         if self._composed:
             per_cache += self.num_heads * self.key_dim ** 2
             running += self.num_heads * self.key_dim ** 2
-        return self.base.state_size(seq_len) + caches * per_cache + running
+        base = self.base.memory_state_size() if isinstance(self.base, NeuralMemory) else self.base.state_size(seq_len)
+        return base + caches * per_cache + running
 
     def cache_numel(self) -> int:
         """Elements of one cached state: the matrix memory, or the deep memory's weights (its pending segment's
