@@ -413,8 +413,9 @@ class NeuralMemory(MemoryParameters, Mixer):
                 o, (weights, momentum) = self.write_read(q, k, v, gates, (weights, momentum), True)
                 carry = step.start(weights, momentum, self.spec, B)
             else:
-                carry = step.Carry(*([t.to(q.dtype) for t in part] if isinstance(part, list) else part
-                                     for part in vars(carry).values()))
+                if carry.A[0].dtype != q.dtype:
+                    carry = step.Carry(*([t.to(q.dtype) for t in part] if isinstance(part, list) else part
+                                         for part in vars(carry).values()))
                 o = step.deep_memory_step(q, k, v, lr, eta, alpha, carry, self.spec, delta=delta)
             outputs.append(self.output(o, xs))
         return torch.cat(outputs, dim=1), {"conv": conv, "carry": dict(vars(carry))}

@@ -47,10 +47,12 @@ def reader(spec: MemorySpec, depth: int) -> Read:
 def vjp_gradient(spec: MemorySpec, M: Read) -> Gradient:
     """``u_t = (∂M/∂W)ᵀ ψ(M_{W_c}(k_t) − v_t)`` by ``torch.func.vjp`` of the read (the definition)."""
 
+    psi = spec.psi()
+
     def gradient(k_t: torch.Tensor, v_t: torch.Tensor, W_c: Sequence[torch.Tensor], delta_t: torch.Tensor | None
                  ) -> list[torch.Tensor]:
         m_t, vjp = torch.func.vjp(lambda *ws: M(k_t, ws), *W_c)
-        return list(vjp(spec.psi()(m_t - v_t, v=v_t, delta=delta_t)))
+        return list(vjp(psi(m_t - v_t, v=v_t, delta=delta_t)))
 
     return gradient
 
@@ -59,10 +61,12 @@ def traced_gradient(spec: MemorySpec, depth: int) -> Gradient:
     """The same ``u_t`` from the read's trace, ``u_l = h_{l−1}ᵀ Δ_l`` (``mlp.memory_backward``, the chunked paths'
     chain rule): what decoding uses, without the functional transform's overhead."""
 
+    psi = spec.psi()
+
     def gradient(k_t: torch.Tensor, v_t: torch.Tensor, W_c: Sequence[torch.Tensor], delta_t: torch.Tensor | None
                  ) -> list[torch.Tensor]:
         m_t, trace = memory_apply(k_t, weight_linear(W_c), depth, spec)
-        deltas = memory_backward(spec.psi()(m_t - v_t, v=v_t, delta=delta_t), W_c, trace, spec)
+        deltas = memory_backward(psi(m_t - v_t, v=v_t, delta=delta_t), W_c, trace, spec)
         return [h.mT @ d for h, d in zip(trace.inputs, deltas)]
 
     return gradient
