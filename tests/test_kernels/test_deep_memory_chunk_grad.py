@@ -129,6 +129,33 @@ def test_without_a_backward_no_tape_and_the_same_outputs(loop, T):
         assert torch.equal(a.detach(), b)
 
 
+def test_the_compiled_loop_keeps_a_tape_only_when_a_backward_can_follow(monkeypatch):
+    """The compiled kernel is asked for its tape (pooled, kept until the backward) only with grad mode on and an
+    input requiring grad; otherwise it runs in a workspace freed on return."""
+    require_kernel()
+    from memlm.kernels.deep_memory.cpu import function
+
+    kernel, asked = loader.load(), []
+
+    class Recording:
+        def forward(self, *args):
+            asked.append(args[-1])
+            return kernel.forward(*args)
+
+        def __getattr__(self, name):
+            return getattr(kernel, name)
+
+    monkeypatch.setattr(function, "load", lambda: Recording())
+    x = make_inputs(1, 7, 2, 4, **CONFIGS["titans"])
+    kw = dict(chunk_size=3, output_final_state=True, loop="cpu")
+    with_spec(deep_memory_chunk, *x["args"], initial_momentum=x["s0"], **kw)
+    with torch.no_grad():
+        with_spec(deep_memory_chunk, *x["args"], initial_momentum=x["s0"], **kw)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else [w.detach() for w in a] for a in x["args"]]
+    with_spec(deep_memory_chunk, *detached, **kw)
+    assert asked == [True, False, False]
+
+
 def as_float32(x: dict) -> dict:
     """The inputs of :func:`make_inputs` in float32, fresh leaves."""
     cast = [t.detach().float().requires_grad_() for t in x["leaves"]]
