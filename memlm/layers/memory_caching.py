@@ -336,6 +336,7 @@ class MemoryCaching(DeepCaching, Mixer):
         width = max(counts)
         member = None
         if self.opts.segments == "log":  # the Fenwick caches of the token's segment among the visible ones
+            # padded with id −2: its span [−1, 0) holds no segment, so no token reads it
             ids = torch.tensor([c.ids + [-2] * (width - len(c.ids)) for c in lists], device=q.device)
             seq_of_token = segs.sequence[segs.token_segment]
             before = torch.tensor([c.units - c_closed for c, c_closed in zip(lists, segs.closed)], device=q.device)
