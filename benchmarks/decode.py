@@ -1,13 +1,13 @@
 """Decoding speed and memory against context length: memlm's tiny presets and transformers' Llama.
 
-Each (model, context) runs in a fresh child process, one thread, batch 1: build the model (seeded, eval),
-prefill ``context`` random tokens with the cache under ``torch.inference_mode``, then time ``--steps``
-single-token steps; tokens/s is one over the median step. Resident memory: the process's RSS after the steps
-minus its RSS before the prefill (the model and the interpreter excluded), in MB. ``llama`` is
-``LlamaForCausalLM`` holding ``attention_tiny``'s weights (its logits are checked against memlm's on a
-16-token prompt before timing), decoding with transformers' own cache. Contexts alternate the model order, so
-slow drifts of a shared machine fall on every row alike; the ratio column compares ``attention`` with
-``llama`` measured at the same context in the same run.
+Each (model, context) runs in ``--repeats`` fresh child processes (the table gives their median), one thread,
+batch 1: build the model (seeded, eval), prefill ``context`` random tokens with the cache under
+``torch.inference_mode``, then time ``--steps`` single-token steps; tokens/s is one over the median step.
+Resident memory: the process's RSS after the steps minus its RSS before the prefill (the model and the
+interpreter excluded), in MB. ``llama`` is ``LlamaForCausalLM`` holding ``attention_tiny``'s weights (its
+logits are checked against memlm's on a 16-token prompt before timing), decoding with transformers' own
+cache. The model order alternates between contexts and repeats, so slow drifts of a shared machine fall on
+every row alike; the ratio column compares ``attention`` with ``llama`` at the same context.
 
 Usage: ``python benchmarks/decode.py`` (``--quick``: seconds; ``--contexts 256 1024 4096 16384``,
 ``--models attention llama gated_deltanet titans_memory moneta titans_mac``).
@@ -109,15 +109,17 @@ def run(name: str, context: int, steps: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(models: list[str], contexts: list[int], steps: int) -> str:
-    results: dict[tuple[str, int], dict] = {}
-    for i, context in enumerate(contexts):
-        order = models if i % 2 == 0 else models[::-1]
-        for name in order:
-            results[(name, context)] = run(name, context, steps)
+def table(models: list[str], contexts: list[int], steps: int, repeats: int) -> str:
+    runs: dict[tuple[str, int], list[dict]] = {(name, c): [] for name in models for c in contexts}
+    for r in range(repeats):
+        for i, context in enumerate(contexts):
+            order = models if (i + r) % 2 == 0 else models[::-1]
+            for name in order:
+                runs[(name, context)].append(run(name, context, steps))
+    results = {key: {field: statistics.median(x[field] for x in got) for field in got[0]} for key, got in runs.items()}
     lines = [
-        f"Decoding, batch 1, median of {steps} steps after a prefill of the context; {platform.machine()}, 1 thread, "
-        f"torch {torch.__version__}, {datetime.date.today()}",
+        f"Decoding, batch 1, median of {steps} steps after a prefill of the context, median of {repeats} processes; "
+        f"{platform.machine()}, 1 thread, torch {torch.__version__}, {datetime.date.today()}",
         "",
         "| model | " + " | ".join(f"{c} tok/s" for c in contexts) + " | " + " | ".join(f"{c} MB" for c in contexts)
         + " |",
@@ -138,14 +140,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="two short contexts, a few steps")
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3, help="processes per (model, context), alternating order")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "CONTEXT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
         return ""
-    contexts, steps = ([16, 48], 3) if args.quick else (args.contexts, args.steps)
-    report = table(args.models, contexts, steps)
+    contexts, steps, repeats = ([16, 48], 3, 1) if args.quick else (args.contexts, args.steps, args.repeats)
+    report = table(args.models, contexts, steps, repeats)
     print(report)
     return report
 

@@ -83,9 +83,15 @@ def advance(carry: Carry, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tenso
         carry.W_c = carry.W
     u = gradient(k_t, v_t, carry.W_c, delta_t)
     theta_t, eta_t, alpha_t = gates_t
-    carry.S = [eta_l * s - theta_l * u_l for eta_l, theta_l, s, u_l in zip(eta_t, theta_t, carry.S, u)]
-    carry.A = [(1 - alpha_l) * a + s for alpha_l, a, s in zip(alpha_t, carry.A, carry.S)]
-    carry.W = [(1 - alpha_l) * w + s for alpha_l, w, s in zip(alpha_t, carry.W, carry.S)]
+    keep = [1 - alpha_l for alpha_l in alpha_t]
+    # S_t = η_t S_{t−1} − θ_t u_t;  A_t = (1 − α_t) A_{t−1} + S_t;  W_t = (1 − α_t) W_{t−1} + S_t
+    carry.S = [torch.addcmul(eta_l * s, theta_l, u_l, value=-1)
+               for eta_l, theta_l, s, u_l in zip(eta_t, theta_t, carry.S, u)]
+    carry.A = [torch.addcmul(s, keep_l, a) for keep_l, a, s in zip(keep, carry.A, carry.S)]
+    if spec.retention == "none":  # R is the identity: W_c = A_c, so W follows A exactly
+        carry.W = carry.A
+    else:
+        carry.W = [torch.addcmul(s, keep_l, w) for keep_l, w, s in zip(keep, carry.W, carry.S)]
     if carry.position == 0 if lag else carry.position == spec.chunk_size - 1:  # the exact step
         carry.W = [mirror(a) for a in carry.A]
     carry.position = (carry.position + 1) % spec.chunk_size

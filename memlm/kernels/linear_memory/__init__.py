@@ -33,6 +33,9 @@ def select_path(backend: str, q: torch.Tensor, chunk_size: int) -> str:
     ``naive``     any                                                            ``naive``
     ``auto``      float64 tensors (fla has no float64 kernels)                   ``torch``
     ``auto``      CUDA tensors                                                   ``triton``
+    ``auto``      CPU tensors of one token (``T = 1``: a decoding step, where    ``naive``
+                  the recurrence is a few products and the chunked path's setup
+                  costs 3× more)
     ``auto``      otherwise (CPU tensors)                                        ``torch``
     ``torch``     any                                                            ``torch``
     ``triton``    CPU tensors without ``TRITON_INTERPRET=1``, or bfloat16 under  ValueError
@@ -47,6 +50,8 @@ def select_path(backend: str, q: torch.Tensor, chunk_size: int) -> str:
     """
     if backend == "auto" and q.dtype == torch.float64:
         backend = "torch"
+    if backend == "auto" and q.device.type == "cpu" and q.shape[1] == 1:
+        return "naive"
     backend = resolve_backend(backend, q)
     if backend == "triton" and chunk_size not in FLA_CHUNK_SIZES:
         raise ValueError(
