@@ -1,8 +1,9 @@
 """Growing key/value buffers for attention decoding (global attention; a sliding window keeps its last
 ``window_size`` keys by concatenation instead).
 
-A buffer holds ``[B, capacity, H, D]`` with spare rows past the valid ones; an append writes the new rows in
-place, so a decoding step copies one token's keys, not the whole cache. States that share a buffer (a state
+A buffer holds ``[B, H, capacity, D]`` (head-major: each head's keys are contiguous, as SDPA reads them) with
+spare rows past the valid ones; an append writes the new rows in place, so a decoding step copies one token's
+keys, not the whole cache. States that share a buffer (a state
 kept and decoded from twice, beam candidates before a reorder) share its :class:`Growth`: only a state whose
 valid length is the buffer's latest writes in place; any other copies its rows into a new buffer first, so no
 state ever sees another's keys. Under autograd (a leaf that requires grad, grad mode on) appends concatenate,
@@ -33,20 +34,21 @@ def append(past: Buffer | None, seen: int, k: torch.Tensor, v: torch.Tensor
     n = seen + k.shape[1]
     if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
         if past is not None:
-            k, v = torch.cat([past[0][:, :seen], k], dim=1), torch.cat([past[1][:, :seen], v], dim=1)
-        return k, v, (k, v, Growth(n))
+            k = torch.cat([past[0][:, :, :seen].transpose(1, 2), k], dim=1)
+            v = torch.cat([past[1][:, :, :seen].transpose(1, 2), v], dim=1)
+        return k, v, (k.transpose(1, 2), v.transpose(1, 2), Growth(n))
     if past is not None:
         k_buf, v_buf, growth = past
-        if growth.length == seen and k_buf.shape[1] >= n:
-            k_buf[:, seen:n], v_buf[:, seen:n] = k, v
+        if growth.length == seen and k_buf.shape[2] >= n:
+            k_buf[:, :, seen:n], v_buf[:, :, seen:n] = k.transpose(1, 2), v.transpose(1, 2)
             growth.length = n
-            return k_buf[:, :n], v_buf[:, :n], past
+            return k_buf[:, :, :n].transpose(1, 2), v_buf[:, :, :n].transpose(1, 2), past
     capacity = n + max(256, n // 4)
     bufs = []
     for new, old in ((k, None if past is None else past[0]), (v, None if past is None else past[1])):
-        buf = new.new_empty(new.shape[0], capacity, *new.shape[2:])
+        buf = new.new_empty(new.shape[0], new.shape[2], capacity, new.shape[3])
         if old is not None:
-            buf[:, :seen] = old[:, :seen]
-        buf[:, seen:n] = new
+            buf[:, :, :seen] = old[:, :, :seen]
+        buf[:, :, seen:n] = new.transpose(1, 2)
         bufs.append(buf)
-    return bufs[0][:, :n], bufs[1][:, :n], (bufs[0], bufs[1], Growth(n))
+    return bufs[0][:, :, :n].transpose(1, 2), bufs[1][:, :, :n].transpose(1, 2), (bufs[0], bufs[1], Growth(n))
