@@ -99,6 +99,5 @@ class CacheList:
         if not self.log:
             return self
         keep = [i for i, c in enumerate(self.ids) if self.units < c + 1 + lowbit(c + 1)]
-        pick = lambda xs: [xs[i] for i in keep] if xs else []  # noqa: E731
-        return CacheList(True, self.units, pick(self.ids), pick(self.states), pick(self.sums),
-                         pick(self.transitions))
+        fields = (self.ids, self.states, self.sums, self.transitions)
+        return CacheList(True, self.units, *([xs[i] for i in keep] if xs else [] for xs in fields))

@@ -3,11 +3,10 @@
 
 A buffer holds ``[B, H, capacity, D]`` (head-major: each head's keys are contiguous, as SDPA reads them) with
 spare rows past the valid ones; an append writes the new rows in place, so a decoding step copies one token's
-keys, not the whole cache. States that share a buffer (a state
-kept and decoded from twice, beam candidates before a reorder) share its :class:`Growth`: only a state whose
-valid length is the buffer's latest writes in place; any other copies its rows into a new buffer first, so no
-state ever sees another's keys. Under autograd (a leaf that requires grad, grad mode on) appends concatenate,
-differentiably.
+keys, not the whole cache. States that share a buffer (a state kept and decoded from twice, beam candidates
+before a reorder) share its :class:`Growth`: only a state whose valid length is the buffer's latest writes in
+place; any other copies its rows into a new buffer first, so no state ever sees another's keys. Under autograd
+(a leaf that requires grad, grad mode on) appends concatenate, differentiably.
 """
 
 from __future__ import annotations
