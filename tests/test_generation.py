@@ -25,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 import memlm
+from memlm.layers.mixer import RowStates
 from memlm.models import MemLMForCausalLM
 from memlm.testing import fla_models
 from memlm.testing.models import CASES, VOCAB, build
@@ -50,8 +51,8 @@ def prompts(batch: int, length: int, vocab: int = VOCAB, seed: int = 1) -> torch
 
 
 def generate(model: MemLMForCausalLM, prompt: torch.Tensor, **kwargs: object):
-    """``model.generate`` on the supported path: an all-ones attention mask and an explicit pad id
-    (memlm refuses padded positions; without a mask transformers would infer one from the pad id)."""
+    """``model.generate`` with an all-ones attention mask and an explicit pad id (without a mask
+    transformers would infer one from the pad id)."""
     kwargs.setdefault("pad_token_id", PAD)
     return model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
 
@@ -232,6 +233,81 @@ def test_batch_equals_each_prompt_alone(case: str) -> None:
         assert torch.equal(alone.sequences[0], batch.sequences[i]), f"row {i}"
         torch.testing.assert_close(torch.stack(alone.logits)[:, 0], torch.stack(batch.logits)[:, i],
                                    rtol=1e-6, atol=1e-6)
+
+
+def left_padded(lengths: list[int], seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of ``lengths`` tokens, left-padded with ``PAD`` to the longest, and their attention mask."""
+    width = max(lengths)
+    ids = prompts(len(lengths), width, seed=seed).clamp(min=1)
+    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+PADDED_LENGTHS = [3, 7, 1, 5]  # unpadded, shorter than a chunk (3–4), a window (3–5) and a MAC segment (6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_padded_batch_equals_each_prompt_alone(case: str) -> None:
+    """Left-padded prompts of different lengths generate what each generates alone, tokens and logits:
+    padding leaves every state as if it were absent."""
+    model = model_for(case)
+    ids, mask = left_padded(PADDED_LENGTHS)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": PAD, "return_dict_in_generate": True,
+              "output_logits": True}
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    width = ids.shape[1]
+    for i, n in enumerate(PADDED_LENGTHS):
+        alone = generate(model, ids[i:i + 1, width - n:], **kwargs)
+        assert torch.equal(alone.sequences[0, n:], batch.sequences[i, width:]), f"row {i} ({n} tokens)"
+        torch.testing.assert_close(torch.stack(alone.logits)[:, 0], torch.stack(batch.logits)[:, i],
+                                   rtol=1e-6, atol=1e-6)
+
+
+PER_ROW = {"titans-mac", "mac-yaad", "mom-titans"} | {c for c in CASES if c.startswith("mc-")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_padded_prefill_stacks_the_rows(case: str) -> None:
+    """After a padded prefill the rows decode in one call per layer (attention right-aligned behind masked
+    slots, recurrent states with a position per row) except where a period's place is more than a position:
+    MAC's segments, Memory Caching's segments, MoM's deep-memory buckets, which decode row by row."""
+    model = model_for(case)
+    ids, mask = left_padded(PADDED_LENGTHS)
+    states = model(ids, attention_mask=mask, use_cache=True).cache.states
+    per_row = [isinstance(s, RowStates) for s in states]
+    assert per_row == [case in PER_ROW] * len(states)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_padded_forward_equals_each_row_alone(case: str) -> None:
+    """A padded batch without a cache (scoring) gives each row's logits alone at its tokens, and the loss
+    counts only next-token pairs inside a row."""
+    model = model_for(case)
+    ids, mask = left_padded(PADDED_LENGTHS)
+    width = ids.shape[1]
+    out = model(ids, attention_mask=mask, labels=ids)
+    losses, count = [], 0
+    for i, n in enumerate(PADDED_LENGTHS):
+        alone = model(ids[i:i + 1, width - n:], labels=ids[i:i + 1, width - n:])
+        torch.testing.assert_close(out.logits[i, width - n:], alone.logits[0], rtol=1e-6, atol=1e-6)
+        if n > 1:
+            losses.append(alone.loss * (n - 1))
+            count += n - 1
+    torch.testing.assert_close(out.loss, sum(losses) / count)
+
+
+@pytest.mark.parametrize("case", REPRESENTATIVE + ["titans-mac", "mc-titans-log-soup"])
+def test_padded_beam_search_equals_each_prompt_alone(case: str) -> None:
+    """Beam search reorders padded rows' states (stacked or kept per row) as it does unpadded ones."""
+    model = model_for(case)
+    ids, mask = left_padded([2, 6, 4])
+    kwargs = {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 3, "do_sample": False,
+              "pad_token_id": PAD, "eos_token_id": None}
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    width = ids.shape[1]
+    for i, n in enumerate([2, 6, 4]):
+        alone = generate(model, ids[i:i + 1, width - n:], **kwargs)
+        assert torch.equal(alone[:, n:], batch[3 * i:3 * i + 3, width:]), f"row {i}"
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -52,3 +52,16 @@ def test_gated_rmsnorm(activation: str) -> None:
     rms = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     gate = torch.sigmoid(g) if activation == "sigmoid" else g * torch.sigmoid(g)
     torch.testing.assert_close(norm(x, g), rms * norm.weight * gate)
+
+
+def test_rotary_table_made_while_decoding_serves_training() -> None:
+    """The cached cos/sin table is a normal tensor even when first made under ``torch.inference_mode``
+    (decoding): a later training pass that saves it for the backward works."""
+    from memlm.layers import rotary
+
+    with torch.inference_mode():
+        rotary.rotation(3, None, 0, 6, 1234.5, torch.device("cpu"))
+    x = torch.randn(1, 3, 2, 6, requires_grad=True)
+    y = rotary.apply_rotary(x, rotary.rotation(3, None, 0, 6, 1234.5, torch.device("cpu")))
+    y.sum().backward()
+    assert x.grad is not None and not rotary._table(3, 6, 1234.5, torch.device("cpu")).is_inference()

@@ -130,8 +130,20 @@ def test_bad_inputs_are_named() -> None:
     model = build("attention")
     with pytest.raises(ValueError, match="vocab_size is 61"):
         model(torch.tensor([[1, 2, 61]]))
-    with pytest.raises(ValueError, match="padded"):
-        model(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[2, 2\]; allowed: \[batch, seq_len\]"):
+        model(ids, attention_mask=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        model(ids, attention_mask=torch.tensor([[0, 2, 1], [1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"rows \[1\] have no tokens"):
+        model(ids, attention_mask=torch.tensor([[0, 1, 1], [0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"rows \[0\] end with padding.*padding_side = 'left'"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), use_cache=True)
+    with pytest.raises(ValueError, match="attention_mask with padding or cu_seqlens"):
+        model(ids[:1], attention_mask=torch.tensor([[0, 1, 1]]), cu_seqlens=torch.tensor([0, 3]))
+    cache = model(ids, use_cache=True).cache
+    with pytest.raises(ValueError, match="after the decoding cache was filled"):
+        model(ids[:, :1], cache=cache, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="exactly one"):
         model.model()
 

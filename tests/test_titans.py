@@ -105,6 +105,29 @@ def test_decoding_carries_no_pending_tokens_and_equals_the_parallel_pass(spec: d
         assert len(sizes) == 1
 
 
+@pytest.mark.parametrize("spec", [{"name": "titans_memory", "chunk_size": 4},
+                                  {"name": "titans_memory", "chunk_size": 4, "lag_token": True},
+                                  {"name": "yaad", "chunk_size": 3, "gate_rank": 4},
+                                  {"name": "moneta", "chunk_size": 4, "gate_rank": 4}],
+                         ids=lambda s: s["name"] + ("-lag" if s.get("lag_token") else ""))
+def test_stacked_rows_at_their_own_chunk_places_decode_as_alone(spec: dict) -> None:
+    """Rows prefilled alone to 2, 5 and 7 tokens (places 2, 1, 3 in chunks of 4), stacked into one state with a
+    position per row, then decoded together across several chunk ends: each row equals its own decoding.
+    (Memora is left out as above; the padded-batch contract test checks it at 1e-6.)"""
+    torch.manual_seed(0)
+    m = build_mixer(spec, 32, type("C", (), {"num_heads": 2, "norm_eps": 1e-6})()).double().eval()
+    x = torch.randn(3, 16, 32, dtype=torch.float64)
+    lengths = [2, 5, 7]
+    states = [m(x[i:i + 1, :n], None, use_cache=True)[1] for i, n in enumerate(lengths)]
+    stacked = m.stack_states(states)
+    assert stacked["carry"]["position"].tolist() == [n % spec["chunk_size"] for n in lengths]
+    for t in range(7):
+        y, stacked = m(torch.stack([x[i, n + t] for i, n in enumerate(lengths)])[:, None], stacked, use_cache=True)
+        for i, n in enumerate(lengths):
+            alone, states[i] = m(x[i:i + 1, n + t:n + t + 1], states[i], use_cache=True)
+            torch.testing.assert_close(y[i], alone[0], rtol=1e-10, atol=1e-10)
+
+
 def test_mac_needs_memory_and_attention_specs() -> None:
     with pytest.raises(ValueError, match="titans_mac"):
         _config(mixer={"name": "titans_mac", "memory": {"name": "attention"}})

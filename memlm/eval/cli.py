@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--samples", type=int, default=5, help="samples per (length, depth) cell")
         p.add_argument("--max-new-tokens", type=int, help="tokens generated per sample")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (left-padded)")
         if task in ("s-niah-2", "s-niah-3"):
             _add_text_source_args(p, "haystack")
 
@@ -181,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     texts = _texts(args) if args.task in ("s-niah-2", "s-niah-3") else None
     record = run_needle_probe(model, tokenizer, args.task, args.lengths, args.depths, args.samples, texts,
                               args.max_new_tokens, args.seed, args.out, name, progress,
-                              meta={"model": args.model, "tokenizer": args.tokenizer})
+                              meta={"model": args.model, "tokenizer": args.tokenizer}, batch_size=args.batch_size)
     print(needle_table(record))
     print(f"\nmean accuracy {100 * record['mean_accuracy']:.1f}%; wrote {record['files']['json']}, "
           f"{record['files']['png']}")

@@ -1,8 +1,9 @@
-"""Greedy decoding of one unpadded prompt (recurrent models do not skip padding, so the
-probes never batch prompts of different lengths)."""
+"""Greedy decoding of a batch of prompts, left-padded with an attention mask (padding leaves every
+memlm state as if absent, so each prompt decodes as it would alone)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,15 +14,19 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
-    """The text of ``max_new_tokens`` greedily decoded tokens after ``prompt`` (stops at EOS)."""
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model_device(model))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad if pad is not None else 0,
-    )
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """The text of ``max_new_tokens`` greedily decoded tokens after each prompt (each stops at EOS)."""
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    eos = tokenizer.eos_token_id
+    pad = next((t for t in (tokenizer.pad_token_id, eos) if t is not None), 0)
+    width = max(map(len, encoded))
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model_device(model))
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=ids.device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad)
+    texts = []
+    for row in out[:, width:].tolist():
+        if eos is not None and eos in row:
+            row = row[:row.index(eos)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts

@@ -7,13 +7,11 @@ Importing this module registers ``memlm`` with lm-eval's model registry, so
 own command line with the type registered (lm-eval 0.4 has no plugin entry points, so the
 plain ``lm_eval`` executable cannot see a model type defined outside it).
 
-The adapter is lm-eval's ``HFLM`` with two changes:
-- memlm is loaded (importing it registers ``MemLMConfig`` with the transformers Auto classes),
-  ``pretrained`` may be a memlm model config file (random weights) and ``tokenizer`` a
-  ``tokenizer.json`` or SentencePiece ``.model`` file;
-- generation runs each prompt of a batch unpadded: recurrent mixers do not skip padding, so
-  the left-padded batches lm-eval builds would change their outputs. (Log-likelihood batches are
-  right-padded, which a causal model ignores.)
+The adapter is lm-eval's ``HFLM`` loading memlm (importing it registers ``MemLMConfig`` with the
+transformers Auto classes); ``pretrained`` may be a memlm model config file (random weights) and
+``tokenizer`` a ``tokenizer.json`` or SentencePiece ``.model`` file. Batches run as lm-eval builds them:
+generation left-padded with an attention mask (memlm states skip the padding), log-likelihoods
+right-padded (which a causal model ignores).
 
 Task groups (``memlm/eval/tasks``): ``memlm_commonsense`` (wikitext, lambada_openai, piqa,
 hellaswag, winogrande, arc_easy, arc_challenge, social_iqa, boolq) and ``memlm_recall`` (the
@@ -29,7 +27,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -58,23 +55,6 @@ class MemLMLM(HFLM):
                                     config_defaults={"vocab_size": len(tokenizer)})
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, backend=backend,
                          device=str(resolve_device(device)), **kwargs)
-
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
-                        **generation_kwargs: Any) -> torch.Tensor:
-        """Generate row by row without padding; return ``[B, context_len + new]`` like HFLM."""
-        mask = generation_kwargs.pop("attention_mask", None)
-        new_tokens = []
-        for i in range(context.shape[0]):
-            ids = context[i] if mask is None else context[i][mask[i].bool()]
-            row_max = max_length - (context.shape[1] - ids.shape[0])
-            out = super()._model_generate(ids[None], row_max, stop, **dict(generation_kwargs))
-            new_tokens.append(out[0, ids.shape[0]:])
-        width = max(t.shape[0] for t in new_tokens)
-        pad = torch.full((context.shape[0], width), self.eot_token_id, dtype=context.dtype,
-                         device=context.device)
-        for i, t in enumerate(new_tokens):
-            pad[i, :t.shape[0]] = t
-        return torch.cat([context, pad], dim=1)
 
 
 def task_manager(include_paths: list[str] | None = None) -> Any:

@@ -1,9 +1,11 @@
 """Causal softmax attention: SDPA, RoPE, grouped-query heads, optional sliding window and
 learned persistent memory (Titans §3.3: ``N_p`` position-free key/value slots every query sees).
 
-Decoding state: ``(k, v, seen, growth)`` — the cached keys/values and the number of tokens consumed so far:
-for global attention a growing buffer (``layers/kv_cache.py``, valid rows ``[:seen]``), for a sliding window
-exactly its last ``window_size`` keys (``growth`` None).
+Decoding state: ``(k, v, seen, growth, offsets)`` — the cached keys/values and the number of slots filled so
+far: for global attention a growing buffer (``layers/kv_cache.py``, valid rows ``[:seen]``), for a sliding
+window exactly its last ``window_size`` slots (``growth`` None). ``offsets`` ``[B]`` (None: all zero) are the
+empty leading slots of each row when rows of different lengths share the buffer (a padded batch): row ``i``'s
+token at slot ``s`` has position ``s − offsets[i]`` and its earlier slots are masked.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.layers.kv_cache import Growth, append
+from memlm.layers.kv_cache import Growth, append, right_aligned
 from memlm.layers.mixer import Mixer
 from memlm.layers.packing import document_ids
 from memlm.layers.registry import register_mixer
-from memlm.layers.rotary import apply_rotary, rotation
+from memlm.layers.rotary import apply_rotary, rotation, rotation_at
 
-AttentionState = tuple[torch.Tensor, torch.Tensor, int, Growth | None]
+AttentionState = tuple[torch.Tensor, torch.Tensor, int, Growth | None, torch.Tensor | None]
 
 
 @register_mixer("attention")
@@ -83,6 +85,20 @@ class Attention(Mixer):
         kept = seq_len if self.window_size is None else min(seq_len, self.window_size)
         return 2 * self.num_kv_heads * self.head_dim * kept
 
+    def stack_states(self, states: list[AttentionState]) -> AttentionState:
+        """Rows of different lengths in one buffer, each right-aligned after its own empty slots."""
+        lengths = [s[2] for s in states]
+        frame = max(lengths)
+        offsets = torch.tensor([frame - n for n in lengths], device=states[0][0].device)
+        if self.window_size is None:
+            k, v, growth = right_aligned([(s[0], s[1], s[2]) for s in states])
+            return k, v, frame, growth, offsets
+        kept = max(s[0].shape[1] for s in states)
+        k, v = (states[0][part].new_zeros(len(states), kept, *states[0][part].shape[2:]) for part in (0, 1))
+        for i, s in enumerate(states):
+            k[i, kept - s[0].shape[1]:], v[i, kept - s[1].shape[1]:] = s[0][0], s[1][0]
+        return k, v, frame, None, offsets
+
     def _mask(
         self, q_pos: torch.Tensor, k_pos: torch.Tensor, cu_seqlens: torch.Tensor | None
     ) -> torch.Tensor:
@@ -105,27 +121,31 @@ class Attention(Mixer):
         batch, seqlen, _ = x.shape
         if cu_seqlens is not None and (state is not None or use_cache):
             raise ValueError("attention: cu_seqlens (packed documents) cannot be combined with a decoding cache")
-        past_k, past_v, seen, growth = state if state is not None else (None, None, 0, None)
+        past_k, past_v, seen, growth, offsets = state if state is not None else (None, None, 0, None, None)
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos_sin = rotation(seqlen, cu_seqlens, seen, self.head_dim, self.rope_theta, x.device)
+        if offsets is None:
+            cos_sin = rotation(seqlen, cu_seqlens, seen, self.head_dim, self.rope_theta, x.device)
+        else:
+            slots = torch.arange(seen, seen + seqlen, device=x.device)
+            cos_sin = rotation_at(slots[None, :] - offsets[:, None], self.head_dim, self.rope_theta)
         q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
         new_state = None
         if self.window_size is None and (use_cache or past_k is not None):
             k, v, buffer = append(None if past_k is None else (past_k, past_v, growth), seen, k, v)
-            new_state = (buffer[0], buffer[1], seen + seqlen, buffer[2])
+            new_state = (buffer[0], buffer[1], seen + seqlen, buffer[2], offsets)
         elif past_k is not None or use_cache:
             if past_k is not None:
                 k, v = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
             keep = min(k.shape[1], self.window_size)
-            new_state = (k[:, -keep:], v[:, -keep:], seen + seqlen, None)
+            new_state = (k[:, -keep:], v[:, -keep:], seen + seqlen, None, offsets)
         if not use_cache:
             new_state = None
 
-        single = seqlen == 1 and cu_seqlens is None  # one query sees every key it is given: no mask
+        single = seqlen == 1 and cu_seqlens is None and offsets is None  # one query sees every key given: no mask
         if single and self.window_size is not None:
             k, v = k[:, -self.window_size:], v[:, -self.window_size:]
         plain_causal = past_k is None and self.window_size is None and cu_seqlens is None
@@ -138,6 +158,8 @@ class Attention(Mixer):
                 q_pos = torch.arange(seen, seen + seqlen, device=x.device)
                 k_pos = torch.arange(seen + seqlen - k.shape[1], seen + seqlen, device=x.device)
                 mask = self._mask(q_pos, k_pos, None)
+                if offsets is not None:  # [B, 1, Tq, Tk]: a row's empty leading slots are no keys
+                    mask = mask & (k_pos[None, :] >= offsets[:, None])[:, None, None, :]
         if self.num_persistent:
             pk = self.persistent_k.to(k.dtype).expand(batch, -1, -1, -1)
             pv = self.persistent_v.to(v.dtype).expand(batch, -1, -1, -1)
@@ -146,7 +168,7 @@ class Attention(Mixer):
                 pos = torch.arange(seqlen, device=x.device)
                 mask = self._mask(pos, pos, None)
             if mask is not None:
-                mask = torch.cat([mask.new_ones(seqlen, self.num_persistent), mask], dim=1)
+                mask = torch.cat([mask.new_ones(*mask.shape[:-1], self.num_persistent), mask], dim=-1)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None and not single, enable_gqa=self.num_kv_heads != self.num_heads,

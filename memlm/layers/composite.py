@@ -31,3 +31,9 @@ class MemoryAttentionMixer(Mixer):
 
     def state_size(self, seq_len: int) -> int:
         return self.memory.state_size(seq_len) + self.attention.state_size(seq_len)
+
+    def stack_states(self, states: list[tuple[Any, Any]]) -> tuple[Any, Any] | None:
+        """Both parts stacked, or None when either cannot be."""
+        memory = self.memory.stack_states([s[0] for s in states])
+        attention = self.attention.stack_states([s[1] for s in states])
+        return None if memory is None or attention is None else (memory, attention)

@@ -42,7 +42,7 @@ def append(past: Buffer | None, seen: int, k: torch.Tensor, v: torch.Tensor
             k_buf[:, :, seen:n], v_buf[:, :, seen:n] = k.transpose(1, 2), v.transpose(1, 2)
             growth.length = n
             return k_buf[:, :, :n].transpose(1, 2), v_buf[:, :, :n].transpose(1, 2), past
-    capacity = n + max(256, n // 4)
+    capacity = _capacity(n)
     bufs = []
     for new, old in ((k, None if past is None else past[0]), (v, None if past is None else past[1])):
         buf = new.new_empty(new.shape[0], new.shape[2], capacity, new.shape[3])
@@ -51,3 +51,22 @@ def append(past: Buffer | None, seen: int, k: torch.Tensor, v: torch.Tensor
         buf[:, :, seen:n] = new.transpose(1, 2)
         bufs.append(buf)
     return bufs[0][:, :, :n].transpose(1, 2), bufs[1][:, :, :n].transpose(1, 2), (bufs[0], bufs[1], Growth(n))
+
+
+def _capacity(n: int) -> int:
+    """Rows allocated for ``n`` valid ones: room for the next appends."""
+    return n + max(256, n // 4)
+
+
+def right_aligned(rows: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Buffer:
+    """One buffer of ``B`` rows from single-row buffers ``(k, v, n)`` (``n`` valid rows each): row ``i``'s
+    keys end at the longest row's length, so the leading ``longest − n_i`` rows of it are empty (zeros)."""
+    frame = max(n for _, _, n in rows)
+    bufs = []
+    for part in (0, 1):
+        first = rows[0][part]
+        buf = first.new_zeros(len(rows), first.shape[1], _capacity(frame), first.shape[3])
+        for i, row in enumerate(rows):
+            buf[i, :, frame - row[2]:frame] = row[part][0, :, :row[2]]
+        bufs.append(buf)
+    return bufs[0], bufs[1], Growth(frame)

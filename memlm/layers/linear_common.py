@@ -21,7 +21,7 @@ from torch import nn
 
 from memlm.kernels import linear_memory
 from memlm.layers.conv import ShortConvolution
-from memlm.layers.mixer import Mixer
+from memlm.layers.mixer import Mixer, cat_rows
 from memlm.layers.norm import GatedRMSNorm
 
 LinearState = tuple[Any, dict[str, torch.Tensor], int]
@@ -212,6 +212,12 @@ class LinearMixer(Mixer):
         call = MixerCall(state, use_cache, cu_seqlens)
         y, memory = self.mix(x, call)
         return y, ((memory, call.new_conv_states, call.seen + x.shape[1]) if use_cache else None)
+
+    def stack_states(self, states: list[LinearState]) -> LinearState:
+        """The rows concatenated; rows of different lengths keep their own ``seen`` (a ``[B]`` tensor)."""
+        seen = [s[2] for s in states]
+        counts = seen[0] if len(set(seen)) == 1 else torch.tensor(seen)
+        return cat_rows([s[0] for s in states]), cat_rows([s[1] for s in states]), counts
 
     def state_size(self, seq_len: int) -> int:
         convs = sum((m.kernel_size[0] - 1) * m.in_channels for m in self.modules()

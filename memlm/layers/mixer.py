@@ -22,6 +22,7 @@ class Mixer(nn.Module, ABC):
     """Base class of token mixers; subclasses register with :func:`register_mixer`."""
 
     mixer_name: str = ""
+    packs_documents: bool = True  # accepts cu_seqlens
 
     @abstractmethod
     def forward(
@@ -37,11 +38,40 @@ class Mixer(nn.Module, ABC):
     def state_size(self, seq_len: int) -> int:
         """Number of state elements one sequence carries after ``seq_len`` tokens."""
 
+    def stack_states(self, states: list[Any]) -> Any | None:
+        """One batched state from the single-row states of sequences decoded so far alone (a padded
+        batch's rows, each at its own position), or None when this mixer cannot decode such rows together
+        (the model then runs them row by row)."""
+        return None
+
+
+class RowStates(list):
+    """A layer's decoding state kept per batch row (rows at different positions that its mixer cannot
+    decode together): the model runs that layer row by row (``memlm.models.padding``)."""
+
+
+def cat_rows(states: list[Any]) -> Any:
+    """Single-row states concatenated along the batch dim (tensors nested in tuples/lists/dicts; other
+    leaves must agree)."""
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(states)
+    if isinstance(first, (list, tuple)):
+        return type(first)(cat_rows(list(parts)) for parts in zip(*states, strict=True))
+    if isinstance(first, dict):
+        return {k: cat_rows([s[k] for s in states]) for k in first}
+    if any(s != first for s in states[1:]):
+        raise ValueError(f"cannot stack states that differ in {first!r}")
+    return first
+
 
 def select_rows(state: Any, index: torch.Tensor) -> Any:
     """Select batch rows of a mixer state (tensors nested in tuples/lists/dicts; batch dim first)."""
     if isinstance(state, torch.Tensor):
         return state.index_select(0, index.to(state.device))
+    if isinstance(state, RowStates):
+        first = torch.zeros(1, dtype=torch.long)  # a copy per selected row: beams never share tensors
+        return RowStates(select_rows(state[i], first) for i in index.tolist())
     if isinstance(state, (list, tuple)):
         return type(state)(select_rows(s, index) for s in state)
     if isinstance(state, dict):

@@ -36,10 +36,11 @@ from torch import nn
 from memlm.layers.aux_loss import LoadBalance, report
 from memlm.layers.conv import ShortConvolution
 from memlm.layers.linear_common import check_positive, divide, heads, integral, l2norm, make_convs, normed_output
-from memlm.layers.mixer import Mixer
+from memlm.layers.mixer import Mixer, cat_rows
 from memlm.layers.mom_memories import (
     KINDS,
     DeepKind,
+    LinearKind,
     add_projections,
     by_memory,
     index_rows,
@@ -148,6 +149,10 @@ class MixtureOfMemories(Mixer):
         convs = sum((m.kernel_size[0] - 1) * m.in_channels for m in self.modules()
                     if isinstance(m, ShortConvolution))
         return self.num_slots * (self.kind.state_numel(self) + convs)
+
+    def stack_states(self, states: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Matrix memories decode rows at different positions together; a deep memory's chunk does not."""
+        return cat_rows(states) if isinstance(self.kind, LinearKind) else None
 
     def fresh_state(self, batch: int, like: torch.Tensor) -> dict[str, Any]:
         """A decoding state at the start of a sequence: ``[B, num_slots, ...]`` per memory (batch first)."""

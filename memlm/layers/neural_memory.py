@@ -55,7 +55,7 @@ from memlm.kernels.deep_memory.objectives import (
 from memlm.kernels.deep_memory.spec import MemorySpec
 from memlm.layers.conv import ShortConvolution
 from memlm.layers.gates import GateProjection
-from memlm.layers.mixer import Mixer
+from memlm.layers.mixer import Mixer, cat_rows
 from memlm.layers.norm import GatedRMSNorm
 from memlm.layers.registry import register_mixer
 
@@ -389,6 +389,11 @@ class NeuralMemory(MemoryParameters, Mixer):
         y, state = self._decode(x, state)
         return y, state if use_cache else None
 
+    def stack_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rows at their own places in their chunks: one carry with a position per row (``step.stack``)."""
+        carry = step.stack([step.Carry(**s["carry"]) for s in states], self.spec)
+        return {"conv": cat_rows([s["conv"] for s in states]), "carry": dict(vars(carry))}
+
     def _decode(self, x: torch.Tensor, state: dict[str, Any] | None) -> tuple[torch.Tensor, dict[str, Any]]:
         """With a decoding state ``{"conv", "carry"}``: the tokens that finish the current chunk and those after the
         last whole chunk advance the carry one at a time (``deep_memory_step``, O(1) each); whole chunks from a
@@ -399,8 +404,11 @@ class NeuralMemory(MemoryParameters, Mixer):
             weights, momentum = self.initial_memory(B)
             state = {"conv": (None, None, None), "carry": dict(vars(step.start(weights, momentum, self.spec, B)))}
         conv, carry = state["conv"], step.Carry(**state["carry"])
-        head = min(T, (chunk - carry.position) % chunk)
-        full = (T - head) // chunk * chunk
+        if isinstance(carry.position, torch.Tensor):  # rows at their own places: every token steps
+            head, full = T, 0
+        else:
+            head = min(T, (chunk - carry.position) % chunk)
+            full = (T - head) // chunk * chunk
         outputs = []
         for lo, hi in ((0, head), (head, head + full), (head + full, T)):
             if lo == hi:
@@ -408,7 +416,7 @@ class NeuralMemory(MemoryParameters, Mixer):
             xs = x[:, lo:hi]
             q, k, v, gates, conv = self.project(xs, conv)
             lr, eta, alpha, delta = (g.to(q.dtype) if g is not None else None for g in gates)
-            if carry.position == 0 and (hi - lo) % chunk == 0:  # whole chunks: the chunked op
+            if full and lo == head:  # whole chunks from a chunk start: the chunked op
                 weights, momentum = step.exchanged(carry, self.spec)
                 o, (weights, momentum) = self.write_read(q, k, v, gates, (weights, momentum), True)
                 carry = step.start(weights, momentum, self.spec, B)

@@ -15,7 +15,7 @@ import torch
 
 from memlm.layers.linear_common import MixerCall, MultiHeadLinearAttention, MultiHeadOptions
 from memlm.layers.registry import register_mixer
-from memlm.layers.rotary import apply_rotary, rotation
+from memlm.layers.rotary import apply_rotary, rotation, rotation_at
 
 ROPE_THETA = 10000.0
 
@@ -39,6 +39,10 @@ class MultiScaleRetention(MultiHeadLinearAttention):
     def decay(
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: MixerCall
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        cos_sin = rotation(x.shape[1], call.cu_seqlens, call.seen, self.head_k_dim, ROPE_THETA, x.device)
+        if isinstance(call.seen, torch.Tensor):  # rows at their own positions (a padded batch)
+            positions = call.seen.to(x.device)[:, None] + torch.arange(x.shape[1], device=x.device)
+            cos_sin = rotation_at(positions, self.head_k_dim, ROPE_THETA)
+        else:
+            cos_sin = rotation(x.shape[1], call.cu_seqlens, call.seen, self.head_k_dim, ROPE_THETA, x.device)
         g = retention_log_decay(self.num_heads, x.device).expand(*x.shape[:2], -1).contiguous()
         return apply_rotary(q, cos_sin), apply_rotary(k, cos_sin), {"g": g}

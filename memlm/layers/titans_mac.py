@@ -39,6 +39,7 @@ from memlm.layers.registry import MIXERS, build_mixer, parse_spec, register_mixe
 
 @register_mixer("titans_mac")
 class MemoryAsContext(Mixer):
+    packs_documents = False
     @dataclass
     class Options:
         segment_size: int = 512

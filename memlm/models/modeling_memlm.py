@@ -7,6 +7,7 @@ Parameter names follow flash-linear-attention (``model.embeddings``, ``model.lay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from transformers.modeling_utils import PreTrainedModel
 
 from memlm.layers import aux_loss
 from memlm.layers.block import Block
+from memlm.layers.mixer import RowStates
+from memlm.models import padding
 from memlm.models.cache import MemLMCache
 from memlm.models.configuration_memlm import MemLMConfig
 
@@ -106,28 +109,63 @@ class MemLMModel(MemLMPreTrainedModel):
         cache: MemLMCache | None = None,
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MemLMModelOutput:
+        """``attention_mask`` (1 = token, 0 = padding) runs a padded batch as if each row were alone
+        (``memlm/models/padding.py``); padded positions get zero hidden states."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        tokens = padding.tokens_of(attention_mask, shape, cache.seen_tokens if cache is not None else 0)
+        if tokens is not None and cu_seqlens is not None:
+            raise ValueError("pass either attention_mask with padding or cu_seqlens (packed documents), not both")
         if input_ids is not None:
             _check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embeddings(input_ids)
         use_cache = use_cache if use_cache is not None else (cache is not None)
         if use_cache and cache is None:
             cache = MemLMCache(len(self.layers))
-        h = inputs_embeds
         with aux_loss.collect() as terms:
-            for i, layer in enumerate(self.layers):
-                state = cache.states[i] if cache is not None else None
-                h, new_state = layer(h, state=state, use_cache=use_cache, cu_seqlens=cu_seqlens)
-                if use_cache:
-                    cache.states[i] = new_state
+            if tokens is None:
+                h = self._layers(inputs_embeds, cache, use_cache, cu_seqlens)
+            elif use_cache:
+                padding.check_generation_padding(tokens)
+                h = self._prefill_rows(inputs_embeds, tokens, cache)
+            elif all(layer.attn.packs_documents for layer in self.layers):
+                h = padding.run_packed(partial(self._layers, cache=None, use_cache=False), inputs_embeds, tokens)
+            else:
+                h = self._prefill_rows(inputs_embeds, tokens, None)
         if use_cache:
             cache.seen_tokens += h.shape[1]
         total, values = aux_loss.combine(terms)
         return MemLMModelOutput(last_hidden_state=self.norm(h), cache=cache, aux_loss=total,
                                 aux_losses=values or None)
+
+    def _layers(self, h: torch.Tensor, cache: MemLMCache | None, use_cache: bool,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks, top to bottom, each continuing from (and updating) its state in ``cache``."""
+        for i, layer in enumerate(self.layers):
+            state = cache.states[i] if cache is not None else None
+            if isinstance(state, RowStates):
+                h, new_state = padding.run_rows(layer, h, state, use_cache)
+            else:
+                h, new_state = layer(h, state=state, use_cache=use_cache, cu_seqlens=cu_seqlens)
+            if use_cache:
+                cache.states[i] = new_state
+        return h
+
+    def _prefill_rows(self, x: torch.Tensor, tokens: torch.Tensor, cache: MemLMCache | None) -> torch.Tensor:
+        """Each row's tokens alone (zeros at the pads); with ``cache`` (empty: a left-padded prompt) the
+        rows' states stacked into it."""
+        h = x.new_zeros(x.shape)
+        rows = [MemLMCache(len(self.layers)) if cache is not None else None for _ in range(x.shape[0])]
+        for i, row in enumerate(rows):
+            h[i, tokens[i]] = self._layers(x[i:i + 1, tokens[i]], row, cache is not None)[0]
+        if cache is not None:
+            cache.states = [padding.stack_layer(layer.attn, [row.states[j] for row in rows])
+                            for j, layer in enumerate(self.layers)]
+        return h
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -202,19 +240,18 @@ class MemLMForCausalLM(MemLMPreTrainedModel, GenerationMixin):
             if cache is not None and cache is not past_key_values:
                 raise ValueError("pass the decoding cache once: as cache (or as its earlier name past_key_values)")
             cache = past_key_values
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "attention_mask has padded (0) positions: memlm mixers are recurrent and do not skip padding; "
-                "run unpadded batches, or pack documents into one row and pass cu_seqlens"
-            )
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache,
-                         use_cache=use_cache, cu_seqlens=cu_seqlens)
+                         use_cache=use_cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            targets = labels[:, 1:]
+            if attention_mask is not None and attention_mask.shape[1] == labels.shape[1]:
+                pair = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # no prediction to or from a pad
+                targets = targets.masked_fill(~pair, -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return MemLMCausalLMOutput(loss=loss, logits=logits, cache=out.cache, aux_loss=out.aux_loss,
                                    aux_losses=out.aux_losses)

@@ -85,11 +85,11 @@ def test_local_json_tasks_match_direct_computation(tmp_path, monkeypatch, checkp
 
     for sample in results["samples"]["local_gen"]:
         doc = sample["doc"]
-        expected = greedy_generate(memlm_model, tokenizer, doc["context"], 6).split("\n")[0]
+        expected = greedy_generate(memlm_model, tokenizer, [doc["context"]], 6)[0].split("\n")[0]
         assert sample["resps"][0][0] == expected
     based = sorted(results["samples"]["local_based"], key=lambda x: x["doc_id"])
     for sample, doc, prompt in zip(based, BASED_DOCS, BASED_PROMPTS, strict=True):
-        output = greedy_generate(memlm_model, tokenizer, prompt, 48).split("\n")[0]
+        output = greedy_generate(memlm_model, tokenizer, [prompt], 48)[0].split("\n")[0]
         assert sample["arguments"][0][0] == prompt and sample["resps"][0][0] == output
         assert sample["contains"] == float(any(a.lower() in output.lower() for a in doc["answers"]))
     for sample in results["samples"]["local_mc"]:
@@ -98,6 +98,23 @@ def test_local_json_tasks_match_direct_computation(tmp_path, monkeypatch, checkp
         want = [_loglikelihood(memlm_model, tokenizer, doc["question"], " " + c) for c in doc["choices"]]
         assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
         assert sample["acc"] == float(max(range(len(want)), key=want.__getitem__) == doc["label"])
+
+    # batch size 1: the same generations and log-likelihoods
+    one = tmp_path / "one.json"
+    assert harness.main(["--model", str(checkpoint_dir), "--tasks", "local_gen,local_mc",
+                         "--include-path", str(tasks), "--device", "cpu", "--dtype", "float32",
+                         "--batch-size", "1", "--log-samples", "--output", str(one)]) == 0
+    single = json.loads(one.read_text())["samples"]
+    for task in ("local_gen", "local_mc"):
+        by_id = {s["doc_id"]: s for s in single[task]}
+        assert len(by_id) == len(results["samples"][task])
+        for sample in results["samples"][task]:
+            alone = by_id[sample["doc_id"]]
+            if task == "local_gen":
+                assert sample["resps"] == alone["resps"]
+            else:
+                got = [float(r[0][0]) for r in sample["resps"]]
+                assert got == pytest.approx([float(r[0][0]) for r in alone["resps"]], rel=1e-5, abs=1e-5)
 
     # lm-eval's own command line with the registered type: the same numbers
     lm_out = tmp_path / "lm_eval_out"

@@ -87,6 +87,10 @@ def test_grid_writes_json_and_png(tmp_path, memlm_model, tokenizer):
         assert s["correct"] == (re.search(r"\d+", s["output"]) is not None
                                 and int(re.search(r"\d+", s["output"]).group()) == int(s["answer"]))
     assert needle_table(record).count("\n") == 3  # header, rule, two lengths
+    batched = run_needle_probe(memlm_model, tokenizer, "passkey", [96, 160], [0, 100], num_samples=2,
+                               max_new_tokens=8, progress=False, batch_size=3)  # prompts of different lengths
+    assert [s["output"] for s in batched["samples"]] == [s["output"] for s in saved["samples"]]
+    assert len({s["prompt_tokens"] for s in batched["samples"][3:6]}) > 1  # the second batch
 
 
 def test_grid_any_hf_causal_lm_and_prose(tmp_path, llama_model, tokenizer):
@@ -99,14 +103,14 @@ def test_grid_any_hf_causal_lm_and_prose(tmp_path, llama_model, tokenizer):
 def test_grid_scores_an_oracle_and_a_liar(monkeypatch, memlm_model, tokenizer):
     """The pipeline end to end with outputs that are known right / wrong."""
 
-    def oracle(model, tok, prompt, max_new_tokens):
-        return " " + re.search(r"is: ([0-9a-f-]+)\.", prompt).group(1) + "."
+    def oracle(model, tok, prompts, max_new_tokens):
+        return [" " + re.search(r"is: ([0-9a-f-]+)\.", p).group(1) + "." for p in prompts]
 
     monkeypatch.setattr(probe_mod, "greedy_generate", oracle)
     good = run_needle_probe(memlm_model, tokenizer, "s-niah-3", [300], [0, 50, 100], 2, max_new_tokens=8,
                             progress=False)
     assert good["mean_accuracy"] == 1.0
-    monkeypatch.setattr(probe_mod, "greedy_generate", lambda *a: " 1234567")
+    monkeypatch.setattr(probe_mod, "greedy_generate", lambda model, tok, prompts, n: [" 1234567"] * len(prompts))
     bad = run_needle_probe(memlm_model, tokenizer, "s-niah-1", [300], [0, 50, 100], 2, max_new_tokens=8,
                            progress=False)
     assert bad["mean_accuracy"] == 0.0

@@ -43,16 +43,20 @@ def run_needle_probe(
     name: str | None = None,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Any]:
     """Run ``task`` (``s-niah-1|2|3`` or ``passkey``) over the grid; returns the record and, when
     ``out_dir`` is given, writes ``{name}.json`` and ``{name}.png`` there.
 
     ``haystack_texts`` feed the prose haystack of S-NIAH-2/3 (default: standard-library docstrings).
     Sample ``i`` of cell ``(length, depth)`` is seeded by ``(seed, task, length, depth, i)``;
-    ``meta`` (e.g. the model and tokenizer names) is stored in the record.
+    ``meta`` (e.g. the model and tokenizer names) is stored in the record. ``batch_size`` prompts are
+    decoded together, left-padded (each as it would alone).
     """
     check_task(task)
     _check_grid(context_lengths, depths, num_samples)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     new_tokens = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[task]
     prose = None
     if task in ("s-niah-2", "s-niah-3"):
@@ -62,30 +66,27 @@ def run_needle_probe(
     count = token_counter(tokenizer)
     was_training = model.training
     model.eval()
+    grid = [(i, j, k) for i in range(len(context_lengths)) for j in range(len(depths)) for k in range(num_samples)]
     samples: list[dict[str, Any]] = []
-    acc = [[0.0] * len(depths) for _ in context_lengths]
-    total_hits = done = 0
+    hits = [[0] * len(depths) for _ in context_lengths]
     start = time.perf_counter()
-    bar = tqdm(total=len(context_lengths) * len(depths) * num_samples, desc=task, disable=not progress)
-    for i, length in enumerate(context_lengths):
-        for j, depth in enumerate(depths):
-            hits = 0
-            for k in range(num_samples):
-                rng = random.Random(f"{seed}/{task}/{length}/{depth}/{k}")
-                sample = build_sample(task, count, length, depth, rng, prose, new_tokens)
-                output = greedy_generate(model, tokenizer, sample.prompt, new_tokens)
-                ok = (passkey_correct(output, int(sample.answer)) if task == "passkey"
-                      else contains_answer(output, sample.answer))
-                hits += ok
-                total_hits += ok
-                samples.append({"context_length": length, "depth": depth, "sample": k,
-                                "answer": sample.answer, "output": output, "correct": ok,
-                                "prompt_tokens": sample.num_prompt_tokens,
-                                "haystack_units": sample.haystack_units})
-                done += 1
-                bar.update(1)
-                bar.set_postfix(acc=pct(total_hits / done))
-            acc[i][j] = hits / num_samples
+    bar = tqdm(total=len(grid), desc=task, disable=not progress)
+    for first in range(0, len(grid), batch_size):
+        cells = grid[first:first + batch_size]
+        built = [build_sample(task, count, context_lengths[i], depths[j],
+                              random.Random(f"{seed}/{task}/{context_lengths[i]}/{depths[j]}/{k}"), prose, new_tokens)
+                 for i, j, k in cells]
+        outputs = greedy_generate(model, tokenizer, [b.prompt for b in built], new_tokens)
+        for (i, j, k), sample, output in zip(cells, built, outputs, strict=True):
+            ok = (passkey_correct(output, int(sample.answer)) if task == "passkey"
+                  else contains_answer(output, sample.answer))
+            hits[i][j] += ok
+            samples.append({"context_length": context_lengths[i], "depth": depths[j], "sample": k,
+                            "answer": sample.answer, "output": output, "correct": ok,
+                            "prompt_tokens": sample.num_prompt_tokens, "haystack_units": sample.haystack_units})
+        bar.update(len(cells))
+        bar.set_postfix(acc=pct(sum(s["correct"] for s in samples) / len(samples)))
+    acc = [[h / num_samples for h in row] for row in hits]
     bar.close()
     model.train(was_training)
     record: dict[str, Any] = {
@@ -96,6 +97,7 @@ def run_needle_probe(
         "num_samples": num_samples,
         "max_new_tokens": new_tokens,
         "seed": seed,
+        "batch_size": batch_size,
         "haystack": ("noise" if prose is None
                      else "texts" if haystack_texts is not None else "stdlib-docstrings"),
         "accuracy": acc,

@@ -26,13 +26,35 @@ Gradient = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor], torch.T
 @dataclass
 class Carry:
     """``A``, ``S``, ``W``, ``W_c``: per layer ``[N, H, d_{l−1}, d_l]`` (``W``, ``W_c`` None at a chunk start,
-    where they are set from ``A``); ``position``: tokens already in the current chunk."""
+    where they are set from ``A``); ``position``: tokens already in the current chunk, or per row ``[N]`` for
+    rows at their own places (a padded batch: :func:`stack`)."""
 
     A: list[torch.Tensor]
     S: list[torch.Tensor]
     W: list[torch.Tensor] | None = None
     W_c: list[torch.Tensor] | None = None
-    position: int = 0
+    position: int | torch.Tensor = 0
+
+
+def _where(at: bool | torch.Tensor, new: Callable[[], list[torch.Tensor]], old: list[torch.Tensor] | None
+           ) -> list[torch.Tensor] | None:
+    """``new()`` where ``at`` holds, else ``old``: one flag, or one per row ``[N]``."""
+    if not isinstance(at, torch.Tensor):
+        return new() if at else old
+    rows = at.view(-1, 1, 1, 1)
+    return [torch.where(rows, n, o) for n, o in zip(new(), old, strict=True)]
+
+
+def stack(carries: Sequence[Carry], spec: MemorySpec) -> Carry:
+    """One carry of the rows of single-row carries, each keeping its own place in its chunk."""
+    places = [int(c.position) for c in carries]
+    mirror = spec.mirror()
+    filled = [c if c.W is not None else Carry(c.A, c.S, [mirror(a) for a in c.A], [mirror(a) for a in c.A],
+                                               c.position) for c in carries]  # advance would set them first
+    A, S, W, W_c = ([torch.cat(rows) for rows in zip(*(getattr(c, name) for c in filled), strict=True)]
+                    for name in ("A", "S", "W", "W_c"))
+    position = places[0] if len(set(places)) == 1 else torch.tensor(places, device=A[0].device)
+    return Carry(A, S, W, W_c, position)
 
 
 def reader(spec: MemorySpec, depth: int) -> Read:
@@ -77,10 +99,11 @@ def advance(carry: Carry, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tenso
     """One token (``q_t, k_t, v_t``: ``[N, H, 1, D]``; ``gates_t``: ``(θ, η, α)`` per layer ``[N, H, 1, 1 | d_l]``):
     updates ``carry`` in place and returns ``o_t = M_{W_t}(q_t)`` ``[N, H, D]`` (naive.py states the rule)."""
     mirror, lag = spec.mirror(), spec.lag_token
-    if carry.position == 0:  # the weights this chunk's gradients are taken at: R(A_c), or after the lag token
-        carry.W = carry.W_c = [mirror(a) for a in carry.A]
-    elif lag and carry.position == 1:
-        carry.W_c = carry.W
+    position = carry.position
+    mirrored = lambda: [mirror(a) for a in carry.A]  # noqa: E731
+    # the weights this chunk's gradients are taken at: R(A_c), or after the lag token
+    carry.W = _where(position == 0, mirrored, carry.W)
+    carry.W_c = _where(position == 0, lambda: carry.W, _where(lag and position == 1, lambda: carry.W, carry.W_c))
     u = gradient(k_t, v_t, carry.W_c, delta_t)
     theta_t, eta_t, alpha_t = gates_t
     keep = [1 - alpha_l for alpha_l in alpha_t]
@@ -92,9 +115,8 @@ def advance(carry: Carry, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tenso
         carry.W = carry.A
     else:
         carry.W = [torch.addcmul(s, keep_l, w) for keep_l, w, s in zip(keep, carry.W, carry.S)]
-    if carry.position == 0 if lag else carry.position == spec.chunk_size - 1:  # the exact step
-        carry.W = [mirror(a) for a in carry.A]
-    carry.position = (carry.position + 1) % spec.chunk_size
+    carry.W = _where(position == 0 if lag else position == spec.chunk_size - 1, mirrored, carry.W)  # exact step
+    carry.position = (position + 1) % spec.chunk_size
     return M(q_t, carry.W).squeeze(-2)
 
 
