@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "train": ("memlm.train.__main__", "pretrain a model (see configs/runs)"),
+    "continual": ("memlm.continual.__main__", "continual pretraining over a stream of tasks (configs/continual)"),
     "probe": ("memlm.eval.cli", "recall probes: mqar, niah, passkey, perplexity"),
     "eval-harness": ("memlm.eval.harness", "lm-evaluation-harness tasks on a checkpoint"),
     "convert": ("memlm.models.convert.cli", "write a checkpoint (fla, m-a-p, Hub id) in memlm's format"),

@@ -71,15 +71,17 @@ def _mixer_stem(mixer: dict) -> str:
 
 @pytest.mark.parametrize("name", preset_names())
 def test_names_follow_the_rule(name: str) -> None:
-    """``<mixer>_<size>`` for one mixer throughout, ``hybrid_<mixer>_<a>to<b>_<size>`` for ``ratio: "a:b"``
+    """``<mixer>_<size>`` for one mixer throughout (``<mixer>_moe_<size>`` with a top-k MoE MLP,
+    ``<mixer>_deepseek_moe_<size>`` with shared experts), ``hybrid_<mixer>_<a>to<b>_<size>`` for ``ratio: "a:b"``
     (``<mixer>`` the registry name of the first mixer, then attention; a wrapper's with its base memory's,
     :func:`_mixer_stem`), ``size`` one of sizes.yaml."""
     config = load_preset(name)
     specs = config.layer_specs()
     size = next(s for s in sizes() if name.endswith(f"_{s}"))
+    mlp = "" if config.mlp is None else "_deepseek_moe" if config.mlp.get("num_shared") else "_moe"
     if config.ratio is None:
         assert {s["name"] for s in specs} == {config.mixer["name"]}
-        assert name == f"{_mixer_stem(config.mixer)}_{size}"
+        assert name == f"{_mixer_stem(config.mixer)}{mlp}_{size}"
     else:
         a, b = config.ratio.split(":")
         assert config.ratio_mixer["name"] == "attention"

@@ -1,4 +1,5 @@
-"""The pre-norm decoder block: ``h = x + mixer(RMSNorm(x)); y = h + MLP(RMSNorm(h))``."""
+"""The pre-norm decoder block: ``h = x + mixer(RMSNorm(x)); y = h + MLP(RMSNorm(h))`` (MLP: SwiGLU or a
+mixture of SwiGLU experts, ``memlm.layers.moe``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memlm.layers.mlp import GatedMLP
+from memlm.layers.moe import build_mlp
 from memlm.layers.registry import build_mixer
 
 
@@ -18,7 +19,7 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.attn = build_mixer(spec, config.hidden_size, config, where=f"layers[{layer_idx}]")
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = build_mlp(config.hidden_size, config.intermediate_size, getattr(config, "mlp", None))
 
     def forward(
         self,

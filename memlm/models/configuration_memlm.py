@@ -7,6 +7,9 @@ The stack is a per-layer list of mixer specs (``{"name": ..., **options}``), giv
   ``"3:1"`` puts attention at layers 3, 7, 11, …, i.e. after every 3 linear layers, or
 - ``layers``: the explicit list (one spec per layer), which overrides both.
 
+``mlp`` null is the dense SwiGLU MLP; ``{name: moe, ...}`` makes every block's MLP a mixture of experts
+(``memlm.layers.moe``: plain top-k or DeepSeekMoE with shared experts).
+
 The *model fields* are ``__init__``'s named parameters but :attr:`MemLMConfig.RUNTIME_FIELDS`:
 what a preset (:func:`memlm.load_preset`) or a run config's ``model:`` section sets.
 :meth:`MemLMConfig.check_fields` checks such a mapping key by key, naming the key.
@@ -23,6 +26,7 @@ from typing import Any
 from transformers.configuration_utils import PreTrainedConfig
 
 from memlm.layers.mlp import default_intermediate_size
+from memlm.layers.moe import moe_options
 from memlm.layers.registry import _type_ok, parse_spec
 
 _RATIO = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -64,6 +68,7 @@ class MemLMConfig(PreTrainedConfig):
         num_heads: int = 4,
         num_kv_heads: int | None = None,
         intermediate_size: int | None = None,
+        mlp: dict[str, Any] | None = None,
         mixer: dict[str, Any] | str | None = None,
         ratio: str | None = None,
         ratio_mixer: dict[str, Any] | str | None = None,
@@ -88,6 +93,9 @@ class MemLMConfig(PreTrainedConfig):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.intermediate_size = intermediate_size or default_intermediate_size(hidden_size)
+        if mlp is not None:
+            moe_options(dict(mlp))
+        self.mlp = dict(mlp) if mlp is not None else None
         self.mixer = _as_spec(mixer or {"name": "attention"})
         self.ratio = ratio
         self.ratio_mixer = _as_spec(ratio_mixer or {"name": "attention"})
@@ -161,6 +169,11 @@ class MemLMConfig(PreTrainedConfig):
                 for i, spec in enumerate(value):
                     parse_spec(spec, where=f"{prefix}layers[{i}]")
                 value = [_as_spec(s) for s in value]
+            if key == "mlp" and value is not None:
+                try:
+                    moe_options(dict(value))
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{prefix}{err}") from None
             if key == "ratio" and value is not None:
                 try:
                     ratio_pattern(value, 1)

@@ -74,6 +74,10 @@ CASES: dict[str, dict] = {
                                      "aggregation": "soup", "base": {"name": "titans_memory", "chunk_size": 2}}},
     "mac-yaad": {"mixer": {"name": "titans_mac", "segment_size": 6, "memory": {"name": "yaad", "chunk_size": 4},
                            "attention": {"name": "attention", "num_persistent": 2}, "normalize_attention": True}},
+    "moe-mlp": {"mixer": {"name": "attention"}, "mlp": {"name": "moe", "num_experts": 4, "topk": 2}},
+    "deepseek-moe-mlp": {"ratio": "1:1", "mixer": {"name": "gated_deltanet"},
+                         "mlp": {"name": "moe", "num_experts": 8, "topk": 3, "num_shared": 1, "expert_size": 16,
+                                 "norm_topk_prob": False}},
 }
 
 

@@ -13,7 +13,7 @@ whose fields the file's and the command line's ``model.*`` keys then override.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataSection:
-    """``source``: ``embedded`` (stdlib text, no network), ``files`` (``path``: file, dir or glob of
-    txt/json/jsonl/parquet) or ``hub`` (``path``: dataset id, ``name``: its config)."""
+    """``source``: ``embedded`` (the standard library's Python source, no network), ``prose`` (the
+    interpreter's English reference prose, ``pydoc_data``), ``arithmetic`` (generated word problems with
+    worked answers), ``files`` (``path``: file, dir or glob of txt/json/jsonl/parquet) or ``hub``
+    (``path``: dataset id, ``name``: its config)."""
 
     source: str = "embedded"
     path: str | None = None
@@ -130,7 +132,7 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("embedded", "files", "hub"),
+    "data.source": ("embedded", "prose", "arithmetic", "files", "hub"),
     "data.text_documents": ("file", "paragraph", "line"),
     "schedule.name": ("cosine", "wsd", "constant"),
     "training.precision": ("auto", "bf16", "fp32"),
@@ -182,26 +184,34 @@ def check_trackers_installed(cfg: RunConfig) -> None:
                               f"pip install 'memlm[{tracker}]', or drop it from logging.trackers")
 
 
-def _merge(base: Any, other: Any, what: str) -> Any:
+def _merge(base: Any, other: Any, what: str, schema: type = RunConfig) -> Any:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         msg = str(err).splitlines()[0]
         if "not in" in msg:
-            msg += f"; allowed keys here: {_allowed_keys(key.rpartition('.')[0])}"
+            msg += f"; allowed keys here: {_allowed_keys(key.rpartition('.')[0], schema)}"
         raise ConfigError(f"{what}: bad key {key!r}: {msg}") from None
+    except TypeError as err:  # a mapping merged into a list (``tasks.0=...``) or the reverse
+        raise ConfigError(f"{what}: {err}: a list (e.g. tasks) is set whole, as tasks=[{{...}}, ...]") from None
 
 
-def _allowed_keys(section: str) -> list[str]:
-    """Field names of the top level (``section == ""``) or of one section."""
-    if not section:
-        return [f.name for f in dataclasses.fields(RunConfig)]
-    for f in dataclasses.fields(RunConfig):
-        if f.name == section and f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-            return [g.name for g in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else []
-    return []
+def _allowed_keys(section: str, schema: type = RunConfig) -> list[str]:
+    """Field names of the top level (``section == ""``) or of one section (list items: ``tasks[0]``)."""
+    fields = dataclasses.fields(schema)
+    for part in [p for p in section.split(".") if p]:
+        f = next((f for f in fields if f.name == part.partition("[")[0]), None)
+        if f is None or f.default_factory is dataclasses.MISSING:
+            return []
+        value = f.default_factory()
+        if isinstance(value, list):
+            item = getattr(schema, "ITEM_TYPES", {}).get(f.name)
+            value = item() if item else None
+        if not dataclasses.is_dataclass(value):
+            return []
+        fields = dataclasses.fields(value)
+    return [f.name for f in fields]
 
 
 def _model_section(section: Mapping[str, Any]) -> dict[str, Any]:
@@ -228,9 +238,11 @@ def _mixer_names(raw: Any) -> Any:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Schema ← ``path`` (YAML) ← ``overrides`` (``key=value``); validated. Returns a ``RunConfig``."""
-    cfg = OmegaConf.structured(RunConfig)
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema: type = RunConfig,
+                check: Callable[[Any], None] | None = None) -> Any:
+    """Schema ← ``path`` (YAML) ← ``overrides`` (``key=value``); validated (``check``, default :func:`validate`).
+    Returns a ``RunConfig`` (or an instance of ``schema``, e.g. the continual stream's)."""
+    cfg = OmegaConf.structured(schema)
     file_cfg = OmegaConf.create()
     if path is not None:
         path = Path(path)
@@ -262,14 +274,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             fields = preset_fields(str(preset))
         except ValueError as err:
             raise ConfigError(f"model.preset: {err}") from None
-        cfg = _merge(cfg, {"model": fields}, f"model.preset {preset!r}")
-    cfg = _merge(cfg, file_cfg, f"config file {str(path)!r}")
-    cfg = _merge(cfg, cli_cfg, "command-line override")
+        cfg = _merge(cfg, {"model": fields}, f"model.preset {preset!r}", schema)
+    cfg = _merge(cfg, file_cfg, f"config file {str(path)!r}", schema)
+    cfg = _merge(cfg, cli_cfg, "command-line override", schema)
     if OmegaConf.is_missing(cfg, "name"):
         raise ConfigError("name is required (set it in the YAML or pass name=<run name>)")
-    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        run = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:  # a required key (``???``) left unset, e.g. a task's tokens
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{key} is required: {str(err).splitlines()[0]}") from None
     run.model = _model_section(run.model)
-    validate(run)
+    (check or validate)(run)
     return run
 
 

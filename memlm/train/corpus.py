@@ -1,4 +1,5 @@
-"""Where the training text comes from: the embedded stdlib corpus, local files, or the HF hub.
+"""Where the training text comes from: the embedded stdlib corpus, the interpreter's English prose,
+generated arithmetic word problems (``memlm.train.synthetic``), local files, or the HF hub.
 
 Every source yields plain strings (one per document). Held-out validation documents are the
 first ``val_documents`` of a seeded shuffle (or of the stream when streaming).
@@ -15,6 +16,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from memlm.train.config import ConfigError, DataSection
+from memlm.train.synthetic import arithmetic_documents, prose_documents
+
+ARITHMETIC_DOCUMENTS = 4000  # generated when data.max_documents is null
 
 FILE_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".json": "json",
                 ".jsonl": "json", ".parquet": "parquet"}
@@ -95,9 +99,16 @@ def _nonempty(docs: Iterable[str], limit: int | None) -> Iterator[str]:
 
 def load_documents(cfg: DataSection, seed: int) -> tuple[Iterable[str], list[str]]:
     """``(train_documents, val_documents)``; a list when not streaming, a one-pass iterator when streaming."""
-    docs = embedded_corpus() if cfg.source == "embedded" else _hf_documents(cfg)
+    if cfg.source == "embedded":
+        docs: Iterable[str] = embedded_corpus()
+    elif cfg.source == "prose":
+        docs = prose_documents()
+    elif cfg.source == "arithmetic":
+        docs = arithmetic_documents(cfg.max_documents or ARITHMETIC_DOCUMENTS, seed)
+    else:
+        docs = _hf_documents(cfg)
     stream = _nonempty(docs, cfg.max_documents)
-    if cfg.streaming and cfg.source != "embedded":
+    if cfg.streaming and cfg.source in ("files", "hub"):
         val = [doc for _, doc in zip(range(cfg.val_documents), stream)]
         if len(val) < cfg.val_documents:
             raise ConfigError(f"the corpus has only {len(val)} documents, fewer than data.val_documents")

@@ -88,10 +88,13 @@ class ShuffledLoader:
             self._perm_epoch, self._perm = epoch, torch.randperm(len(self.data.input_ids), generator=g)
         return self._perm
 
+    def global_indices(self, position: int) -> torch.Tensor:
+        """The rows of global micro-batch ``position`` (every process's, rank 0's first)."""
+        epoch, i = divmod(position, self.per_epoch)
+        return self._order(epoch)[i * self.global_batch: (i + 1) * self.global_batch]
+
     def next_batch(self) -> Batch:
-        epoch, i = divmod(self.position, self.per_epoch)
-        lo = i * self.global_batch + self.rank * self.mb
-        idx = self._order(epoch)[lo: lo + self.mb]
+        idx = self.global_indices(self.position)[self.rank * self.mb: (self.rank + 1) * self.mb]
         self.position += 1
         return Batch(self.data.input_ids[idx], self.data.starts[idx])
 

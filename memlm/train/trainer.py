@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ class TrainState:
         self.skipped_steps, self.wall_time_s = int(state["skipped_steps"]), float(state["wall_time_s"])
 
 
-def _precision(cfg: RunConfig) -> str:
+def precision_of(cfg: Any) -> str:
     wanted = cfg.training.precision
     if wanted == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
@@ -59,7 +60,7 @@ def _precision(cfg: RunConfig) -> str:
 TOKENIZER_SETTINGS = "memlm_tokenizer.json"
 
 
-def _check_saved_tokenizer(cfg: RunConfig) -> None:
+def check_saved_tokenizer(cfg: Any) -> None:
     """A run directory's tokenizer is reused only under the settings it was made with."""
     recorded = cfg.run_dir / "tokenizer" / TOKENIZER_SETTINGS
     if not recorded.exists():
@@ -71,23 +72,22 @@ def _check_saved_tokenizer(cfg: RunConfig) -> None:
                           "choose another name=... for a new run, or delete that run directory")
 
 
-def _tokenizer(cfg: RunConfig, accelerator: Accelerator, train_docs: Any) -> Any:
-    """The run's tokenizer: saved in ``<run>/tokenizer`` (with the settings that made it) on first
-    use, reloaded on resume. A BPE trained on a stream reads its own pass of the stream."""
+def run_tokenizer(cfg: Any, accelerator: Accelerator, documents: Callable[[], Iterable[str]]) -> Any:
+    """The run's tokenizer (``cfg.run_dir``, ``cfg.tokenizer``): saved in ``<run>/tokenizer`` (with the settings
+    that made it) on first use, reloaded on resume; a BPE is trained on ``documents()``."""
     saved = cfg.run_dir / "tokenizer"
     with accelerator.main_process_first():
         if (saved / TOKENIZER_SETTINGS).exists():
             return load_training_tokenizer(str(saved))
         tokenizer = (load_training_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path
-                     else train_bpe(load_documents(cfg.data, cfg.training.seed)[0] if cfg.data.streaming
-                                    else train_docs, cfg.tokenizer.vocab_size, cfg.tokenizer.train_documents))
+                     else train_bpe(documents(), cfg.tokenizer.vocab_size, cfg.tokenizer.train_documents))
         if accelerator.is_main_process:
             tokenizer.save_pretrained(saved)
             (saved / TOKENIZER_SETTINGS).write_text(json.dumps(asdict(cfg.tokenizer), indent=2))
         return tokenizer
 
 
-def _checked_model_kwargs(cfg: RunConfig) -> dict[str, Any]:
+def checked_model_kwargs(cfg: Any) -> dict[str, Any]:
     """``MemLMConfig`` kwargs of the run, the model built once on the meta device (no memory, no
     data read) so that a bad model section stops the run first."""
     kwargs = model_kwargs(cfg.model)
@@ -99,7 +99,18 @@ def _checked_model_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _resume_point(cfg: RunConfig, accelerator: Accelerator, existing: list[Any]) -> Any:
+def existing_checkpoints(cfg: Any) -> list[Any]:
+    """The run's checkpoints; a ``ConfigError`` if there are some and ``checkpoint.resume`` is off."""
+    existing = checkpoint.list_checkpoints(cfg.run_dir)
+    if existing and not cfg.checkpoint.resume:
+        raise ConfigError(
+            f"{cfg.run_dir} already has checkpoints ({existing[-1].name}); pass --resume (checkpoint.resume=true) "
+            "to continue it, or choose another name=... — nothing was overwritten"
+        )
+    return existing
+
+
+def resume_point(cfg: Any, accelerator: Accelerator, existing: list[Any]) -> Any:
     """The newest checkpoint that verifies (None for a fresh run). Newer ones that fail are named,
     set aside as ``<name>.corrupt`` and never loaded."""
     if not (cfg.checkpoint.resume and existing):
@@ -121,16 +132,21 @@ def validation_tokens(val_rows: torch.Tensor, cfg: RunConfig, world: int) -> tor
 
 
 def _validate(model: torch.nn.Module, val_rows: torch.Tensor, cfg: RunConfig, accelerator: Accelerator) -> float:
-    """Held-out loss ``-(1 / (N - 1)) Σ_{t=2..N} log p(x_t | its window)`` of
-    :func:`validation_tokens`, in windows of ``seq_len`` tokens every ``seq_len - 1``: the
-    quantity :func:`memlm.eval.perplexity.perplexity` measures on that stream, windows split
-    across processes."""
-    seq_len, rank, world = val_rows.shape[1], accelerator.process_index, accelerator.num_processes
-    ids = validation_tokens(val_rows, cfg, world).to(accelerator.device)
+    """Held-out loss of :func:`validation_tokens` (:func:`held_out_loss`)."""
+    ids = validation_tokens(val_rows, cfg, accelerator.num_processes)
+    return held_out_loss(model, ids, val_rows.shape[1], cfg.training.micro_batch_size, accelerator)
+
+
+def held_out_loss(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, micro_batch_size: int,
+                  accelerator: Accelerator) -> float:
+    """``-(1 / (N - 1)) Σ_{t=2..N} log p(x_t | its window)`` of the stream ``ids``, in windows of ``seq_len``
+    tokens every ``seq_len - 1``: the quantity :func:`memlm.eval.perplexity.perplexity` measures on that
+    stream, windows split across processes."""
+    rank, world = accelerator.process_index, accelerator.num_processes
     plan = window_plan(len(ids), seq_len, seq_len - 1)
     model.eval()
     with accelerator.autocast():
-        nll_at, count_at = window_nll(model, ids, plan[rank::world], seq_len, cfg.training.micro_batch_size)
+        nll_at, count_at = window_nll(model, ids.to(accelerator.device), plan[rank::world], seq_len, micro_batch_size)
     model.train()
     totals = torch.stack([nll_at.sum(), count_at.sum()]).to(accelerator.device)
     nll, count = accelerator.reduce(totals, reduction="sum").tolist()
@@ -146,14 +162,14 @@ class StepResult:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: list[Batch],
-               accelerator: Accelerator, cfg: RunConfig) -> StepResult:
+               accelerator: Accelerator, document_masking: bool, grad_clip: float) -> StepResult:
     """One optimizer step over this process's micro-batches: forward and backward each (gradients
     synchronised across processes on the last), clip, update unless the loss or the gradient norm
     is not finite, and advance the schedule by one step either way."""
     total_loss = torch.zeros((), device=accelerator.device)
     aux_totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
-        if cfg.data.document_masking:
+        if document_masking:
             ids, cu_seqlens, labels = batch.packed()
             extra = {"cu_seqlens": cu_seqlens.to(accelerator.device)}
         else:
@@ -171,7 +187,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
                 aux_totals[name] = aux_totals.get(name, 0.0) + value.detach().float() / len(batches)
     loss_value = accelerator.reduce(total_loss.reshape(1), reduction="mean").item()
     aux = {name: accelerator.reduce(value.reshape(1), reduction="mean").item() for name, value in aux_totals.items()}
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
     if applied:
@@ -190,27 +206,24 @@ def batch_checksum(batches: list[Batch]) -> int:
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) one pretraining run; returns the summary written into the report."""
     run_dir = cfg.run_dir
-    kwargs = _checked_model_kwargs(cfg)
+    kwargs = checked_model_kwargs(cfg)
     check_trackers_installed(cfg)
-    existing = checkpoint.list_checkpoints(run_dir)
-    if existing and not cfg.checkpoint.resume:
-        raise ConfigError(
-            f"{run_dir} already has checkpoints ({existing[-1].name}); pass --resume (checkpoint.resume=true) "
-            "to continue it, or choose another name=... — nothing was overwritten"
-        )
-    _check_saved_tokenizer(cfg)
+    existing = existing_checkpoints(cfg)
+    check_saved_tokenizer(cfg)
     trackers: list[Any] = [JSONLTracker(run_dir / "metrics.jsonl"), *cfg.logging.trackers]
     # the schedule is sized in optimizer steps: one scheduler step per optimizer step, whatever the
     # number of processes (Accelerate's default steps it once per process)
-    accelerator = Accelerator(mixed_precision=_precision(cfg), log_with=trackers, project_dir=str(run_dir),
+    accelerator = Accelerator(mixed_precision=precision_of(cfg), log_with=trackers, project_dir=str(run_dir),
                               step_scheduler_with_optimizer=False)
-    resume_from = _resume_point(cfg, accelerator, existing)
+    resume_from = resume_point(cfg, accelerator, existing)
     set_seed(cfg.training.seed)
 
     # --- data and tokenizer -------------------------------------------------------------------
     train_docs, val_docs = load_documents(cfg.data, cfg.training.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(cfg, accelerator, train_docs)
+    # a BPE trained on a stream reads its own pass of the stream
+    tokenizer = run_tokenizer(cfg, accelerator, lambda: load_documents(cfg.data, cfg.training.seed)[0]
+                              if cfg.data.streaming else train_docs)
     seq_len, mb, world = cfg.data.seq_len, cfg.training.micro_batch_size, accelerator.num_processes
     if cfg.data.streaming:
         loader: Any = StreamingLoader(train_docs, tokenizer, seq_len, mb, accelerator.process_index, world)
@@ -262,7 +275,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     while state.step < stop:
         batches = [loader.next_batch() for _ in range(cfg.training.grad_accum)]
         lr = scheduler.get_last_lr()[0]
-        result = train_step(model, optimizer, scheduler, batches, accelerator, cfg)
+        result = train_step(model, optimizer, scheduler, batches, accelerator, cfg.data.document_masking,
+                            cfg.optimizer.grad_clip)
         state.skipped_steps += not result.applied
         state.step += 1
         state.tokens_seen += mb * world * cfg.training.grad_accum * seq_len

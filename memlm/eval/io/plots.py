@@ -89,6 +89,39 @@ def plot_loss_curves(train: Sequence[tuple[int, float]], val: Sequence[tuple[int
     return _save(fig, path)
 
 
+def plot_loss_matrix(matrix: Sequence[Sequence[float]], tasks: Sequence[str], title: str, path: str | Path) -> Path:
+    """Heatmap of held-out loss after training through task ``i`` (rows) on task ``j`` (columns), annotated."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(tasks), 1.2 + 0.7 * len(matrix)))
+    im = ax.imshow(matrix, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(tasks)), list(tasks))
+    ax.set_yticks(range(len(matrix)), [f"after {t}" for t in tasks[:len(matrix)]])
+    ax.set_xlabel("evaluated on")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="w")
+    fig.colorbar(im, ax=ax, label="loss (nats / token)")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_task_curves(steps: Sequence[int], losses: Sequence[Sequence[float]], tasks: Sequence[str],
+                     boundaries: Sequence[int], title: str, path: str | Path) -> Path:
+    """Each task's held-out loss against the stream's steps, task boundaries as vertical lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    for j, name in enumerate(tasks):
+        ax.plot(steps, [row[j] for row in losses], marker=_MARKERS[j % len(_MARKERS)], markersize=3, label=name)
+    for b in boundaries[:-1]:
+        ax.axvline(b, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
