@@ -26,7 +26,7 @@ endif
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: venv lock train test test-slow test-gpu test-all test-compat lint bench clean
+.PHONY: venv lock train test test-slow test-gpu test-all test-compat lint bench clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -62,6 +62,23 @@ test-gpu: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+# Wheels the GPU machines' image lacks or holds too old (Python 3.12, manylinux x86-64, the lock's versions,
+# without their dependencies), carried in .whl/ for benchmarks/gpu_suite.sh.
+# titans-pytorch (the kernel table's reference) and its dependencies are not in the lock: pinned here.
+GPU_WHEELS = flash-linear-attention fla-core transformers huggingface-hub kernels omegaconf datasets dill multiprocess \
+  titans-pytorch==0.5.5 assoc-scan==0.0.6 accelerated-scan==0.3.1 axial-positional-embedding==0.3.12 einx==0.4.3 \
+  frozendict==2.5.1 hyper-connections==0.4.11 torch-einops-utils==0.2.0 rotary-embedding-torch==0.9.1 \
+  tensordict==0.15.3 pyvers==0.2.3 x-transformers==2.31.10 loguru==0.7.3
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	for pkg in $(GPU_WHEELS); do \
+	  pin=$$(grep -m1 -i "^$$pkg==" requirements.lock | cut -d' ' -f1); \
+	  $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$${pin:-$$pkg}" || exit 1; \
+	done
+	du -sh .whl
 
 # The lowest and the newest releases that pyproject allows of transformers, accelerate and datasets,
 # each in a throwaway venv over the lock, running the model, generation, loading and training tests.

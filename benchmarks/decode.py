@@ -82,26 +82,38 @@ def llama_model(max_len: int) -> torch.nn.Module:
     return llama
 
 
-def child(name: str, context: int, steps: int) -> dict:
+def child(name: str, context: int, steps: int, device: str = "cpu") -> dict:
+    """One (model, context) in this process; on CUDA the model runs in bf16, each step is synchronised and
+    the memory figure is the allocator's growth (MB) instead of the RSS's."""
     torch.set_num_threads(1)
+    cuda = device == "cuda"
     max_len = context + steps + 1
     model = llama_model(max_len) if name == "llama" else memlm_model(name, max_len)
-    ids = torch.randint(0, VOCAB, (1, context + steps), generator=torch.Generator().manual_seed(0))
+    model = model.to(device, torch.bfloat16 if cuda else torch.float32)
+    ids = torch.randint(0, VOCAB, (1, context + steps), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def memory() -> float:
+        return torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
+
     with torch.inference_mode():  # warm-up: lazily loaded kernels and libraries are not the cache's memory
         model(ids[:, :2])
-    before = rss_mb()
+    before = memory()
     times = []
     with torch.inference_mode():  # both take and return the decoding cache as ``cache``
         cache = model(ids[:, :context], use_cache=True).cache
         for t in range(context, context + steps):
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             cache = model(ids[:, t:t + 1], cache=cache, use_cache=True).cache
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return {"tokens_per_s": 1.0 / statistics.median(times), "rss_mb": rss_mb() - before}
+    return {"tokens_per_s": 1.0 / statistics.median(times), "rss_mb": memory() - before}
 
 
-def run(name: str, context: int, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, str(context), str(steps)]
+def run(name: str, context: int, steps: int, device: str = "cpu") -> dict:
+    cmd = [sys.executable, __file__, "--child", name, str(context), str(steps), device]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode:
@@ -109,17 +121,19 @@ def run(name: str, context: int, steps: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(models: list[str], contexts: list[int], steps: int, repeats: int) -> str:
+def table(models: list[str], contexts: list[int], steps: int, repeats: int, device: str = "cpu") -> str:
     runs: dict[tuple[str, int], list[dict]] = {(name, c): [] for name in models for c in contexts}
     for r in range(repeats):
         for i, context in enumerate(contexts):
             order = models if (i + r) % 2 == 0 else models[::-1]
             for name in order:
-                runs[(name, context)].append(run(name, context, steps))
+                runs[(name, context)].append(run(name, context, steps, device))
     results = {key: {field: statistics.median(x[field] for x in got) for field in got[0]} for key, got in runs.items()}
     lines = [
         f"Decoding, batch 1, median of {steps} steps after a prefill of the context, median of {repeats} processes; "
-        f"{platform.machine()}, 1 thread, torch {torch.__version__}, {datetime.date.today()}",
+        f"{platform.machine() if device == 'cpu' else torch.cuda.get_device_name() + ' bf16'}, 1 thread, "
+        f"torch {torch.__version__}, {datetime.date.today()}" + ("; memory: MB allocated on the GPU" if device != "cpu"
+                                                                 else ""),
         "",
         "| model | " + " | ".join(f"{c} tok/s" for c in contexts) + " | " + " | ".join(f"{c} MB" for c in contexts)
         + " |",
@@ -142,14 +156,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3, help="processes per (model, context), alternating order")
-    parser.add_argument("--child", nargs=3, metavar=("MODEL", "CONTEXT", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", type=Path, help="write the table here")
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "CONTEXT", "STEPS", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
+        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])))
         return ""
     contexts, steps, repeats = ([16, 48], 3, 1) if args.quick else (args.contexts, args.steps, args.repeats)
-    report = table(args.models, contexts, steps, repeats)
+    report = table(args.models, contexts, steps, repeats, args.device)
     print(report)
+    if args.json:
+        args.json.write_text(json.dumps({"table": report}, indent=2))
     return report
 
 

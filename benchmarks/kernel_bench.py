@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -181,9 +182,17 @@ def peak_bandwidth_tbps(name: str) -> float | None:
     return next((bw for key, bw in PEAK_HBM_TBPS if key in name), None)
 
 
-def gpu_measure(inputs: list[torch.Tensor], forward: Callable[[], torch.Tensor]) -> tuple[float, ...]:
-    """(forward ms, forward+backward ms, peak MiB of one forward+backward)."""
+def gpu_measure(inputs: list[torch.Tensor], forward: Callable[[], torch.Tensor]) -> tuple[float | None, ...]:
+    """(forward ms, forward+backward ms, peak MiB of one forward+backward); off CUDA (the dry run) one timed
+    call of each and no memory figure."""
     step = fwd_bwd(inputs, forward)
+    if not inputs[0].is_cuda:
+        times = []
+        for fn in (forward, step):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return times[0], times[1], None
     fwd_ms = triton.testing.do_bench(forward, return_mode="median")
     both_ms = triton.testing.do_bench(step, return_mode="median")
     torch.cuda.synchronize()
@@ -209,14 +218,16 @@ def sdpa_forward(q, k, v) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def gpu_cases(B: int, T: int, H: int, D: int, chunk: int) -> dict[str, tuple]:
-    """op → (inputs, forward, fwd+bwd FLOPs, fwd+bwd bytes, implementation)."""
-    dt, dev, tokens = torch.bfloat16, "cuda", B * T * H
+def gpu_cases(B: int, T: int, H: int, D: int, chunk: int, dev: str = "cuda", dt: torch.dtype = torch.bfloat16,
+              backend: str = "auto") -> dict[str, tuple]:
+    """op → (inputs, forward, fwd+bwd FLOPs, fwd+bwd bytes, implementation); the dry run passes the CPU,
+    float32 and ``backend="triton"`` (the interpreter)."""
+    tokens = B * T * H
     cases = {}
     for label, depth, expansion in (("deep memory L=1", 1, 1), ("deep memory L=2 (exp. 4)", 2, 4)):
         inputs, call = deep_memory_case(B, T, H, D, depth, expansion, dev, dt, chunk)
         flops = 3 * B * H * deep_memory_flops(T, D, depth, expansion, chunk)
-        forward = partial(call, "auto")
+        forward = partial(call, backend)
         cases[label] = (inputs, forward, flops, pass_bytes(tokens, D, 3), f"memlm triton b={chunk}")
     gdn, _ = gated_delta_case(B, T, H, D, dev, dt)
     flops = 3 * B * H * gdn_flops(T, D)
@@ -239,14 +250,16 @@ def gpu_cases(B: int, T: int, H: int, D: int, chunk: int) -> dict[str, tuple]:
     return cases
 
 
-def gpu_rows(B: int, H: int, D: int, lengths: list[int], chunk: int = 16) -> list[Row]:
-    name = torch.cuda.get_device_name()
+def gpu_rows(B: int, H: int, D: int, lengths: list[int], chunk: int = 16, dry_run: bool = False) -> list[Row]:
+    """The GPU table; ``dry_run``: the same code on the CPU in float32, Triton in the interpreter."""
+    dev, dt, backend = ("cpu", torch.float32, "triton") if dry_run else ("cuda", torch.bfloat16, "auto")
+    name = "CPU (dry run)" if dry_run else torch.cuda.get_device_name()
     peak = peak_bandwidth_tbps(name)
     rows: list[Row] = []
     for T in lengths:
-        where = f"B={B} T={T} H={H} D={D} bf16"
+        where = f"B={B} T={T} H={H} D={D} {'fp32' if dry_run else 'bf16'}"
         measured: dict[str, Row] = {}
-        for op, (inputs, forward, flops, nbytes, impl) in gpu_cases(B, T, H, D, chunk).items():
+        for op, (inputs, forward, flops, nbytes, impl) in gpu_cases(B, T, H, D, chunk, dev, dt, backend).items():
             try:
                 fwd_ms, both_ms, mib = gpu_measure(inputs, forward)
             except torch.cuda.OutOfMemoryError:
@@ -262,19 +275,20 @@ def gpu_rows(B: int, H: int, D: int, lengths: list[int], chunk: int = 16) -> lis
             if gdn is not None:
                 row.ratio = f"{row.fwd_ms / gdn.fwd_ms:.2f}× / {row.fwd_bwd_ms / gdn.fwd_bwd_ms:.2f}× GDN"
             rows.append(row)
-        rows.append(titans_pytorch_row(B, T, H, D, name, where))
+        rows.append(titans_pytorch_row(B, T, H, D, name, where, dev, dt))
     return rows
 
 
-def titans_pytorch_row(B: int, T: int, H: int, D: int, device: str, where: str) -> Row:
+def titans_pytorch_row(B: int, T: int, H: int, D: int, device: str, where: str, dev: str = "cuda",
+                       dt: torch.dtype = torch.bfloat16) -> Row:
     """titans-pytorch's NeuralMemory (projections included, so only its times are comparable)."""
     op = "titans-pytorch NeuralMemory"
     try:
         from titans_pytorch import NeuralMemory
     except ImportError:
         return Row(op, device, where, "titans-pytorch", note="skipped: titans_pytorch not importable")
-    mem = NeuralMemory(dim=H * D, chunk_size=16, heads=H, dim_head=D).to("cuda", torch.bfloat16)
-    x = torch.randn(B, T, H * D, device="cuda", dtype=torch.bfloat16)
+    mem = NeuralMemory(dim=H * D, chunk_size=16, heads=H, dim_head=D).to(dev, dt)
+    x = torch.randn(B, T, H * D, device=dev, dtype=dt)
 
     def forward() -> torch.Tensor:
         out = mem(x)
@@ -326,16 +340,29 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU rows")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU rows")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the GPU rows' code at B=1 T=32 H=2 D=16 on the CPU (Triton interpreter), no CPU rows")
     parser.add_argument("--reps", type=int, default=3, help="timed CPU repetitions, >= 3 (median)")
+    parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     if args.reps < 3:
         parser.error(f"--reps must be >= 3 (a median of at least three runs), got {args.reps}")
     torch.manual_seed(0)
-    rows = cpu_rows((1, 64, 2, 8) if args.quick else (1, 2048, 4, 32), args.reps)
-    if torch.cuda.is_available() and not args.cpu_only:
+    rows = []
+    if args.dry_run:
+        from memlm.testing.triton_interpreter import interpret_fla
+
+        interpret_fla()
+        rows += gpu_rows(1, 2, 16, [32], dry_run=True)
+    elif not args.gpu_only:
+        rows += cpu_rows((1, 64, 2, 8) if args.quick else (1, 2048, 4, 32), args.reps)
+    if torch.cuda.is_available() and not (args.cpu_only or args.dry_run):
         rows += gpu_rows(2, 4, 64, [256]) if args.quick else gpu_rows(8, 16, 64, [2048, 4096, 8192])
     table = render(rows)
     print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"table": table, "rows": [vars(r) for r in rows]}, indent=2))
     return table
 
 

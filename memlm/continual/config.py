@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from omegaconf import MISSING
 
 from memlm.train.config import TRACKERS as TRACKER_NAMES
 from memlm.train.config import (
-    CheckpointSection,
+    BatchingSection,
     ConfigError,
     DataSection,
-    OptimizerSection,
-    TokenizerSection,
+    RunBase,
+    StepLoggingSection,
     load_config,
 )
 
@@ -61,15 +61,6 @@ class ReplaySection:
 
 
 @dataclass
-class ContinualTrainingSection:
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32
-    stop_at_step: int | None = None  # end the process after this step (simulates a killed run)
-
-
-@dataclass
 class ContinualEvalSection:
     """Held-out loss of every task (its ``val_documents``, the first ``val_batches`` micro-batches of rows)
     after each task, before the first, and every ``every`` steps (0: only at task ends)."""
@@ -79,33 +70,15 @@ class ContinualEvalSection:
 
 
 @dataclass
-class ContinualLoggingSection:
-    every: int = 10
-    trackers: list[str] = field(default_factory=list)
-    progress_bar: bool = True
-    batch_checksum: bool = False
-
-
-@dataclass
-class ContinualConfig:
-    name: str = MISSING
-    output_dir: str = "runs"
-    model: dict[str, Any] = field(default_factory=dict)
+class ContinualConfig(RunBase):
     tasks: list[TaskSection] = field(default_factory=list)
-    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
-    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ContinualScheduleSection = field(default_factory=ContinualScheduleSection)
     replay: ReplaySection = field(default_factory=ReplaySection)
-    training: ContinualTrainingSection = field(default_factory=ContinualTrainingSection)
+    training: BatchingSection = field(default_factory=BatchingSection)
     eval: ContinualEvalSection = field(default_factory=ContinualEvalSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: ContinualLoggingSection = field(default_factory=ContinualLoggingSection)
+    logging: StepLoggingSection = field(default_factory=StepLoggingSection)
 
     ITEM_TYPES: ClassVar[dict[str, type]] = {"tasks": TaskSection}  # list items, for error messages
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
 
     @property
     def seq_len(self) -> int:

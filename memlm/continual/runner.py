@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from memlm.continual.config import ContinualConfig
@@ -24,23 +23,13 @@ from memlm.continual.report import write_results
 from memlm.continual.schedule import cooldown_end, stream_multiplier
 from memlm.models import MemLMConfig, MemLMForCausalLM
 from memlm.train import checkpoint
-from memlm.train.config import ConfigError, check_trackers_installed, to_yaml
+from memlm.train.config import ConfigError, to_yaml
 from memlm.train.corpus import load_documents
 from memlm.train.data import Batch, ShuffledLoader, pack
-from memlm.train.metrics import JSONLTracker, truncate_after
+from memlm.train.metrics import truncate_after
 from memlm.train.optim import build_optimizer
 from memlm.train.tokenizer import check_vocab
-from memlm.train.trainer import (
-    batch_checksum,
-    check_saved_tokenizer,
-    checked_model_kwargs,
-    existing_checkpoints,
-    held_out_loss,
-    precision_of,
-    resume_point,
-    run_tokenizer,
-    train_step,
-)
+from memlm.train.trainer import batch_checksum, held_out_loss, run_tokenizer, start_run, train_step
 
 
 @dataclass
@@ -111,15 +100,7 @@ def consumed_rows(loader: ShuffledLoader, data: Batch) -> Batch:
 def run_stream(cfg: ContinualConfig) -> dict[str, Any]:
     """Train (or resume) the stream; returns the results (``<run>/results.json`` when finished)."""
     run_dir = cfg.run_dir
-    kwargs = checked_model_kwargs(cfg)
-    check_trackers_installed(cfg)
-    existing = existing_checkpoints(cfg)
-    check_saved_tokenizer(cfg)
-    accelerator = Accelerator(mixed_precision=precision_of(cfg), log_with=[JSONLTracker(run_dir / "metrics.jsonl"),
-                                                                       *cfg.logging.trackers],
-                              project_dir=str(run_dir), step_scheduler_with_optimizer=False)
-    resume_from = resume_point(cfg, accelerator, existing)
-    set_seed(cfg.training.seed)
+    kwargs, accelerator, resume_from = start_run(cfg)
     mb, world, rank = cfg.training.micro_batch_size, accelerator.num_processes, accelerator.process_index
 
     # --- tasks, model, optimizer, the stream's schedule ----------------------------------------------------

@@ -84,13 +84,19 @@ class ScheduleSection:
 
 
 @dataclass
-class TrainingSection:
-    steps: int = 1000
+class BatchingSection:
+    """What a training loop needs besides its length (shared with the continual stream, whose tasks set it)."""
+
     micro_batch_size: int = 8
     grad_accum: int = 1
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere | bf16 | fp32
     stop_at_step: int | None = None  # end the process after this step (simulates a killed run)
+
+
+@dataclass
+class TrainingSection(BatchingSection):
+    steps: int = 1000
 
 
 @dataclass
@@ -102,33 +108,45 @@ class CheckpointSection:
 
 
 @dataclass
-class LoggingSection:
+class StepLoggingSection:
+    """Logging of training steps (shared with the continual stream, which evaluates in its own section)."""
+
     every: int = 10
-    val_every: int = 200
-    val_batches: int = 8
     trackers: list[str] = field(default_factory=list)  # extra Accelerate trackers: tensorboard, wandb
     progress_bar: bool = True
-    sample_tokens: int = 64
-    probes: bool = True  # run the short recall probes into the report at the end
     batch_checksum: bool = False  # log a checksum of each step's batches (tests of exact resume)
 
 
 @dataclass
-class RunConfig:
+class LoggingSection(StepLoggingSection):
+    val_every: int = 200
+    val_batches: int = 8
+    sample_tokens: int = 64
+    probes: bool = True  # run the short recall probes into the report at the end
+
+
+@dataclass
+class RunBase:
+    """The sections every run has (a pretraining run, a continual stream); ``run_dir`` is ``output_dir/name``."""
+
     name: str = MISSING
     output_dir: str = "runs"
     model: dict[str, Any] = field(default_factory=dict)  # MemLMConfig fields and ``preset`` (see module docstring)
-    data: DataSection = field(default_factory=DataSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+@dataclass
+class RunConfig(RunBase):
+    data: DataSection = field(default_factory=DataSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

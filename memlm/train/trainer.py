@@ -125,6 +125,23 @@ def resume_point(cfg: Any, accelerator: Accelerator, existing: list[Any]) -> Any
     return path
 
 
+def start_run(cfg: Any) -> tuple[dict[str, Any], Accelerator, Any]:
+    """Everything checked before any work (model, trackers, checkpoints, tokenizer), then the run's
+    ``Accelerator``, the checkpoint to resume from (None: a fresh run) and the seed. The schedule is sized in
+    optimizer steps: one scheduler step per optimizer step, whatever the number of processes (Accelerate's
+    default steps it once per process)."""
+    kwargs = checked_model_kwargs(cfg)
+    check_trackers_installed(cfg)
+    existing = existing_checkpoints(cfg)
+    check_saved_tokenizer(cfg)
+    trackers: list[Any] = [JSONLTracker(cfg.run_dir / "metrics.jsonl"), *cfg.logging.trackers]
+    accelerator = Accelerator(mixed_precision=precision_of(cfg), log_with=trackers, project_dir=str(cfg.run_dir),
+                              step_scheduler_with_optimizer=False)
+    resume_from = resume_point(cfg, accelerator, existing)
+    set_seed(cfg.training.seed)
+    return kwargs, accelerator, resume_from
+
+
 def validation_tokens(val_rows: torch.Tensor, cfg: RunConfig, world: int) -> torch.Tensor:
     """The validation stream ``x_1 … x_N`` that :func:`_validate` scores: the first
     ``logging.val_batches × training.micro_batch_size × processes`` packed rows, end to end."""
@@ -206,17 +223,7 @@ def batch_checksum(batches: list[Batch]) -> int:
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) one pretraining run; returns the summary written into the report."""
     run_dir = cfg.run_dir
-    kwargs = checked_model_kwargs(cfg)
-    check_trackers_installed(cfg)
-    existing = existing_checkpoints(cfg)
-    check_saved_tokenizer(cfg)
-    trackers: list[Any] = [JSONLTracker(run_dir / "metrics.jsonl"), *cfg.logging.trackers]
-    # the schedule is sized in optimizer steps: one scheduler step per optimizer step, whatever the
-    # number of processes (Accelerate's default steps it once per process)
-    accelerator = Accelerator(mixed_precision=precision_of(cfg), log_with=trackers, project_dir=str(run_dir),
-                              step_scheduler_with_optimizer=False)
-    resume_from = resume_point(cfg, accelerator, existing)
-    set_seed(cfg.training.seed)
+    kwargs, accelerator, resume_from = start_run(cfg)
 
     # --- data and tokenizer -------------------------------------------------------------------
     train_docs, val_docs = load_documents(cfg.data, cfg.training.seed)

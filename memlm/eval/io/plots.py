@@ -81,12 +81,7 @@ def plot_loss_curves(train: Sequence[tuple[int, float]], val: Sequence[tuple[int
     ax.plot([t for t, _ in train], [v for _, v in train], label="train", linewidth=1)
     if val:
         ax.plot([t for t, _ in val], [v for _, v in val], label="validation", marker="o")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return _save_lines(fig, ax, "tokens seen", "loss (nats / token)", title, path)
 
 
 def plot_loss_matrix(matrix: Sequence[Sequence[float]], tasks: Sequence[str], title: str, path: str | Path) -> Path:
@@ -114,8 +109,13 @@ def plot_task_curves(steps: Sequence[int], losses: Sequence[Sequence[float]], ta
         ax.plot(steps, [row[j] for row in losses], marker=_MARKERS[j % len(_MARKERS)], markersize=3, label=name)
     for b in boundaries[:-1]:
         ax.axvline(b, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out loss (nats / token)")
+    return _save_lines(fig, ax, "optimizer step", "held-out loss (nats / token)", title, path)
+
+
+def _save_lines(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: str | Path) -> Path:
+    """Labels, grid, legend and title of a line plot, then :func:`_save`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
