@@ -165,6 +165,7 @@ def test_two_task_stream_end_to_end(tmp_path: Path) -> None:
     L, L0 = res["loss_matrix"], res["initial_losses"]
     assert res["finished"] and res["tasks"] == ["python", "sums"] and res["task_steps"] == [20, 20]
     assert len(L) == 2 and all(len(r) == 2 for r in L) and len(L0) == 2
+    assert res["perplexity_matrix"][1][0] == pytest.approx(math.exp(L[1][0]))
     assert L[0][0] < L0[0] and L[1][1] < L0[1], "each task's training lowers its own loss"
     assert res["average_forgetting"] == pytest.approx(L[1][0] - L[0][0])
     assert res["backward_transfer"] == pytest.approx(L[0][0] - L[1][0])

@@ -29,6 +29,8 @@ def mixer_names(spec: object) -> set[str]:
         if isinstance(spec.get("name"), str):
             names.add(spec["name"])
         for key, value in spec.items():
+            if key == "mlp":  # the feed-forward spec (``{name: moe}``), not a mixer
+                continue
             if isinstance(value, (dict, list)) or (key in SPEC_KEYS and isinstance(value, str)):
                 names |= mixer_names(value)
     elif isinstance(spec, list):

@@ -30,6 +30,7 @@ def write_results(cfg: Any, tasks: list[str], task_steps: list[int], state: Any,
     run_dir = cfg.run_dir
     summary = metrics.summary(state.matrix, state.initial, state.curve_steps, state.curve_losses, state.finished_at)
     results = {**results, "tasks": tasks, "task_steps": task_steps, "loss_matrix": state.matrix,
+               "perplexity_matrix": [[math.exp(min(v, 50.0)) for v in row] for row in state.matrix],
                "initial_losses": state.initial, **summary,
                "curves": {"steps": state.curve_steps, "losses": state.curve_losses},
                "finished_at": state.finished_at, "config": to_yaml(cfg)}
