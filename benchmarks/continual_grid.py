@@ -4,8 +4,8 @@ results: the loss matrix's diagonal and last row, average forgetting, backward a
 area under the forgetting curve.
 
 Usage: ``python benchmarks/continual_grid.py --out runs/continual-grid`` (``--quick``: the smoke stream,
-two models, seconds; ``--models``, ``--replay 0 0.05``, ``--schedules cosine infinite``). A run whose
-``results.json`` exists is read, not run again.
+two models, seconds; ``--models``, ``--replay 0 0.05``, ``--schedules cosine infinite``, ``--set key=value``).
+A run whose ``results.json`` exists is read, not run again.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--schedules", nargs="+", default=["cosine", "infinite"])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="the smoke stream, attention and Mamba2, cosine")
-    p.add_argument("overrides", nargs="*", help="key=value for every run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (repeatable), e.g. --set optimizer.lr=1e-3")
     a = p.parse_args(argv)
     if a.quick:
         a.config, a.models, a.schedules = ROOT / "configs" / "continual" / "smoke.yaml", MODELS[:2], ["cosine"]
