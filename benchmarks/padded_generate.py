@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> str:
              "|---|---:|---:|---:|---:|---:|---|"]
     for name in a.models:
         m = measure(name, a.batch, a.min_len, a.max_len, a.new_tokens, a.repeats)
-        lines.append(f"| {name} | {m['batch_s']:.2f} | {m['alone_s']:.2f} | {m['tok_s_batch']:.0f} | "
-                     f"{m['tok_s_alone']:.0f} | {m['speedup']:.2f}x | {m['states']} |")
+        lines.append(f"| {name} | {m['batch_s']:.2f} | {m['alone_s']:.2f} | {m['tok_s_batch']:.1f} | "
+                     f"{m['tok_s_alone']:.1f} | {m['speedup']:.2f}x | {m['states']} |")
     text = "\n".join(lines)
     print(text)
     return text

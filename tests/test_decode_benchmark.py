@@ -24,8 +24,9 @@ def test_decode_benchmark_quick_run() -> None:
         assert all(float(s.split()[0]) > 0 for s in speeds) and all(float(m) > -50 for m in memory)
 
 
+@pytest.mark.slow
 def test_padded_generate_benchmark_quick_run() -> None:
-    """``benchmarks/padded_generate.py --quick`` (about 5 s): the padded batch generates what each prompt does
+    """``benchmarks/padded_generate.py --quick`` (slow: about 25 s on 2 cores): the padded batch generates what each prompt does
     alone (the script exits otherwise) and every model decodes its rows stacked."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "padded_generate.py"
     spec = importlib.util.spec_from_file_location("padded_bench", path)
