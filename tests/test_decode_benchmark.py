@@ -26,8 +26,8 @@ def test_decode_benchmark_quick_run() -> None:
 
 @pytest.mark.slow
 def test_padded_generate_benchmark_quick_run() -> None:
-    """``benchmarks/padded_generate.py --quick`` (slow: about 25 s on 2 cores): the padded batch generates what each prompt does
-    alone (the script exits otherwise) and every model decodes its rows stacked."""
+    """``benchmarks/padded_generate.py --quick`` (slow: about 25 s on 2 cores): the padded batch generates what
+    each prompt does alone (the script exits otherwise) and every model decodes its rows stacked."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "padded_generate.py"
     spec = importlib.util.spec_from_file_location("padded_bench", path)
     bench = importlib.util.module_from_spec(spec)
