@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from memlm.continual.config import ContinualConfig
 from memlm.continual.replay import CONTROLLERS, ReplayBuffer, ReplayMixer
 from memlm.continual.report import write_results
-from memlm.continual.schedule import cooldown_end, stream_multiplier
+from memlm.continual.schedule import anneal_steps, cooldown_end, stream_multiplier
 from memlm.models import MemLMConfig, MemLMForCausalLM
 from memlm.train import checkpoint
 from memlm.train.config import ConfigError, to_yaml
@@ -108,8 +108,9 @@ def run_stream(cfg: ContinualConfig) -> dict[str, Any]:
     tasks, tokenizer = load_tasks(cfg, accelerator, world)
     task_steps = [t.steps for t in tasks]
     boundaries = [sum(task_steps[:i + 1]) for i in range(len(tasks))]
-    if cfg.schedule.name == "infinite" and not cfg.schedule.warmup_steps <= cooldown_end(task_steps, cfg.schedule) <= (
-            task_steps[0] - max(1, round(cfg.schedule.anneal_fraction * task_steps[0]))):
+    first_anneal = task_steps[0] - anneal_steps(task_steps[0], cfg.schedule)
+    if cfg.schedule.name == "infinite" and not (
+            cfg.schedule.warmup_steps <= cooldown_end(task_steps, cfg.schedule) <= first_anneal):
         raise ConfigError(f"schedule.cooldown_steps={cfg.schedule.cooldown_steps} must lie between "
                           f"schedule.warmup_steps and the start of the first task's anneal ({task_steps[0]} steps)")
     kwargs.setdefault("vocab_size", len(tokenizer))
